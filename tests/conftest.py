@@ -1,0 +1,90 @@
+"""Shared fixtures: an isolated data dir per test, SQLite always, PostgreSQL and Redis when asked for."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+# Before any studio module reads the environment: offline, no analytics, no writes to ./.studio.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ["STUDIO_DATA_DIR"] = tempfile.mkdtemp(prefix="mole-test-session-")
+for _name in ("DATABASE_URL", "BROKER_URL", "ARTIFACT_ROOT", "RESULT_BACKEND"):
+    os.environ.pop(_name, None)
+
+import pytest  # noqa: E402
+import sqlalchemy as sa  # noqa: E402
+
+from models.settings import Settings  # noqa: E402
+from tests import services  # noqa: E402
+
+ARTIFACTS_DIR = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh STUDIO_DATA_DIR for this test, also set in the environment for code that reads it."""
+    folder = tmp_path / "studio"
+    monkeypatch.setenv("STUDIO_DATA_DIR", str(folder))
+    return folder
+
+
+@pytest.fixture
+def settings(data_dir: Path) -> Settings:
+    return Settings(studio_data_dir=data_dir)
+
+
+@pytest.fixture
+def sqlite_url(data_dir: Path) -> str:
+    return f"sqlite:///{data_dir / 'test.db'}"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for this test, dropped afterwards."""
+    admin_url = services.ensure_postgres()
+    name = f"mole_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as error:
+        admin.dispose()
+        services.missing(f"PostgreSQL ({error.orig})")
+    yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Runs the test on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return str(request.getfixturevalue("sqlite_url"))
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """The real Redis, on a database number of its own for this test, flushed before and after."""
+    import redis
+
+    base = services.ensure_redis()
+    db = 1 + uuid.uuid4().int % 14
+    url = f"{base}/{db}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def artifacts_dir() -> Path:
+    """Where tests leave files a person should look at (screenshots); kept after the run."""
+    ARTIFACTS_DIR.mkdir(exist_ok=True)
+    return ARTIFACTS_DIR
