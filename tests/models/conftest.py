@@ -43,3 +43,6 @@ def randomise_experts(mixture: torch.nn.Module, seed: int = 1) -> None:
         for name, p in mixture.named_parameters():
             if any(k in name for k in ("experts.up", "shared.up", "router", "sigma")) and p.is_floating_point():
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+
+
+IDS_FOR_SENTENCES = torch.tensor([[3, 8, 12, 4, 9], [7, 1, 1, 30, 2]])

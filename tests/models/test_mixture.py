@@ -278,3 +278,19 @@ def test_add_task_keeps_every_old_expert_bit_identical(tmp_path: Path) -> None:
         assert all(torch.equal(a, b) for a, b in zip(old[f"expert:{name}"], new[f"expert:{name}"], strict=True))
     with torch.no_grad():
         assert grown(IDS, task_ids=torch.tensor([3, 0])).logits.shape == _logits(mixture).shape
+
+
+def test_seq2seq_models_take_a_mixture_too() -> None:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    model = T5ForConditionalGeneration(config).eval()
+    source, target = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[0, 5, 6]])
+    with torch.no_grad():
+        base = model(input_ids=source, decoder_input_ids=target).logits
+        mixture = attach_mixture(model, make_spec("softmax", target_modules=["q", "v"]))
+        assert torch.equal(mixture(source, decoder_input_ids=target).logits, base)
+        randomise_experts(mixture)
+        assert not torch.allclose(mixture(source, decoder_input_ids=target).logits, base)
+    assert mixture.generate(source, max_new_tokens=3, do_sample=False).shape[1] >= 2
