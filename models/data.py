@@ -867,6 +867,18 @@ def render_prompt(row: ExampleRow, tokenizer: PreTrainedTokenizerBase | None = N
     return f"### Instruction:\n{row.instruction}\n\n### Response:\n"
 
 
+def _head(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """BOS for plain prompts when the tokenizer has one distinct from EOS; chat templates write their own."""
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return [bos] if not templated and bos is not None and bos != eos else []
+
+
+def prompt_ids(row: ExampleRow, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The token ids a model sees before its answer, exactly as in training: what generation starts from."""
+    return _head(tokenizer) + list(tokenizer(render_prompt(row, tokenizer), add_special_tokens=False)["input_ids"])
+
+
 def tokenize_example(
     row: ExampleRow, tokenizer: PreTrainedTokenizerBase, *, max_length: int = 512
 ) -> dict[str, list[int]]:
@@ -883,11 +895,9 @@ def tokenize_example(
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token; set one so the model learns where an answer ends")
-    templated = bool(getattr(tokenizer, "chat_template", None))
+    head = _head(tokenizer)
     prompt_ids = list(tokenizer(render_prompt(row, tokenizer), add_special_tokens=False)["input_ids"])
     answer_ids = list(tokenizer(row.output, add_special_tokens=False)["input_ids"])
-    bos = tokenizer.bos_token_id
-    head = [bos] if not templated and bos is not None and bos != eos else []
     tail = [eos]
     room = max_length - len(head)
     if len(prompt_ids) + len(answer_ids) + len(tail) > room:

@@ -59,6 +59,7 @@ class RoutingState:
     trace: RoutingTrace | None = None
     forced: dict[str, float] | None = None  # expert name -> weight, replaces the router (playground, export check)
     disabled: frozenset[str] = frozenset()  # expert names switched off (their weight set to 0, others renormalised)
+    task_table: Tensor | None = None  # (n_tasks + 1, E_routed): each sample routed to its own task's experts
 
     def reset(self, inputs: RoutingInputs, *, generating: bool = False) -> None:
         self.inputs, self.generating = inputs, generating
@@ -192,6 +193,8 @@ class MixtureLinear(nn.Module):
             return None
         if state.forced is not None:
             return self._forced(x)
+        if state.task_table is not None:
+            return self._own_task(x)
         sequence = self.router.options.granularity == "sequence"
         if sequence and state.generating and self.name in state.sequence_gates:
             out = state.sequence_gates[self.name]
@@ -212,6 +215,16 @@ class MixtureLinear(nn.Module):
         forced = self.state.forced or {}
         weights = torch.tensor([forced.get(n, 0.0) for n in self._routed_names()], device=x.device, dtype=x.dtype)
         return RouterOutput(weights=weights.expand(x.shape[0], 1, -1))  # (B, 1, E)
+
+    def _own_task(self, x: Tensor) -> RouterOutput:
+        """Stage-wise training (MoDULA, AT-MoE): each sample goes to its own task's expert, unknown -> none."""
+        table = self.state.task_table
+        assert table is not None
+        ids = self.state.inputs.task_ids
+        if ids is None:
+            ids = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        ids = torch.where(ids < 0, table.shape[0] - 1, ids)  # (B,)
+        return RouterOutput(weights=table.to(x.device, x.dtype)[ids].unsqueeze(1))  # (B, 1, E)
 
     def _without_disabled(self, out: RouterOutput) -> RouterOutput:
         keep = torch.tensor([n not in self.state.disabled for n in self._routed_names()], device=out.weights.device)

@@ -251,6 +251,25 @@ class MixtureModel(nn.Module):
         finally:
             self.state.forced, self.state.disabled = None, frozenset()
 
+    @contextmanager
+    def own_task_routing(self, *, universal_on: bool = True) -> Iterator[None]:
+        """Route every sample to the experts of its own task (the router is not used) for the block.
+
+        ``universal_on=False`` switches the universal experts off (MoDULA-Flan's domain stage).
+        """
+        spec = self.spec
+        n_universal = spec.universal.count if spec.routes_universal else 0
+        table = torch.zeros(len(spec.tasks) + 1, n_universal + len(spec.experts))
+        for task, experts in enumerate(spec.task_experts()):
+            for e in experts:
+                table[task, n_universal + e] = 1.0 / len(experts)
+        self.state.task_table = table
+        self.state.disabled = frozenset() if universal_on else frozenset(universal_names(spec))
+        try:
+            yield
+        finally:
+            self.state.task_table, self.state.disabled = None, frozenset()
+
     # --- growing: the add_task schedule ---
 
     def add_task_expert(self, new_spec: MixtureSpec) -> str:

@@ -294,3 +294,17 @@ def test_seq2seq_models_take_a_mixture_too() -> None:
         randomise_experts(mixture)
         assert not torch.allclose(mixture(source, decoder_input_ids=target).logits, base)
     assert mixture.generate(source, max_new_tokens=3, do_sample=False).shape[1] >= 2
+
+
+def test_own_task_routing_sends_each_sample_to_its_task_expert_only() -> None:
+    mixture = attach_mixture(tiny_llama(), make_spec("softmax"))
+    randomise_experts(mixture)
+    with torch.no_grad(), mixture.own_task_routing():
+        routed = mixture(IDS, task_ids=TASK_IDS).logits
+    for row, task in enumerate(TASK_IDS.tolist()):
+        with torch.no_grad(), mixture.overridden(forced={mixture.spec.experts[task].name: 1.0}):
+            expected = mixture(IDS[row : row + 1], task_ids=TASK_IDS[row : row + 1]).logits
+        torch.testing.assert_close(routed[row : row + 1], expected)
+    with torch.no_grad(), mixture.own_task_routing(universal_on=False):
+        no_universal = mixture(IDS, task_ids=TASK_IDS).logits
+    assert not torch.allclose(no_universal, routed)
