@@ -1,0 +1,129 @@
+"""The bundled demo: four small generated tasks with different skills, and a mixture ready to train on them.
+
+- ``dates``   string transform: ISO date -> DD/MM/YYYY
+- ``emails``  extraction: the domain of the one e-mail address in a sentence
+- ``parity``  classification: is the number even or odd
+- ``cipher``  string transform: shift every letter one place (a->b, z->a)
+
+The JSONL files in ``models/demo_data/`` are what ``mole-studio demo`` registers; ``write_demo_files`` makes them
+again from a fixed seed (a test checks they match), so they are reproducible and reviewable.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from collections.abc import Callable
+from pathlib import Path
+
+from models.data import ExampleRow, load_rows
+from models.spec import MixtureSpec, default_spec
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
+DEMO_TASKS = ("dates", "emails", "parity", "cipher")
+ROWS_PER_TASK = 400
+SEED = 1234
+_NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy", "mallory", "oscar"]
+_DOMAINS = ["example.org", "mail.com", "studio.ai", "uni.edu", "shop.net", "lab.io", "news.co", "home.dev"]
+_VERBS = ["Write to", "Contact", "Please email", "Send the report to", "Reach out to", "Questions go to"]
+
+
+def _date(rng: random.Random) -> ExampleRow:
+    year, month, day = rng.randint(1950, 2049), rng.randint(1, 12), rng.randint(1, 28)
+    return ExampleRow(
+        task="dates",
+        instruction="Rewrite the date as DD/MM/YYYY.",
+        input=f"{year:04d}-{month:02d}-{day:02d}",
+        output=f"{day:02d}/{month:02d}/{year:04d}",
+    )
+
+
+def _email(rng: random.Random) -> ExampleRow:
+    address = f"{rng.choice(_NAMES)}{rng.randint(1, 99)}@{rng.choice(_DOMAINS)}"
+    return ExampleRow(
+        task="emails",
+        instruction="Give the domain of the e-mail address.",
+        input=f"{rng.choice(_VERBS)} {address} today.",
+        output=address.split("@")[1],
+    )
+
+
+def _parity(rng: random.Random) -> ExampleRow:
+    number = rng.randint(0, 9999)
+    return ExampleRow(
+        task="parity",
+        instruction="Is the number even or odd?",
+        input=str(number),
+        output="even" if number % 2 == 0 else "odd",
+    )
+
+
+def _shift(word: str) -> str:
+    return "".join(string.ascii_lowercase[(string.ascii_lowercase.index(c) + 1) % 26] for c in word)
+
+
+def _cipher(rng: random.Random) -> ExampleRow:
+    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
+    return ExampleRow(
+        task="cipher",
+        instruction="Shift every letter one place forward in the alphabet.",
+        input=word,
+        output=_shift(word),
+    )
+
+
+GENERATORS: dict[str, Callable[[random.Random], ExampleRow]] = {
+    "dates": _date,
+    "emails": _email,
+    "parity": _parity,
+    "cipher": _cipher,
+}
+
+
+def generate(task: str, n: int = ROWS_PER_TASK, seed: int = SEED) -> list[ExampleRow]:
+    """``n`` distinct rows of ``task`` from a fixed seed."""
+    rng = random.Random(f"{seed}-{task}")
+    rows: dict[tuple[str, str], ExampleRow] = {}
+    while len(rows) < n:
+        row = GENERATORS[task](rng)
+        rows.setdefault((row.input, row.output), row)
+    return list(rows.values())
+
+
+def write_demo_files(folder: Path = DEMO_DIR) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for task in DEMO_TASKS:
+        path = folder / f"{task}.jsonl"
+        lines = [
+            json.dumps({"instruction": r.instruction, "input": r.input, "output": r.output}) for r in generate(task)
+        ]
+        path.write_text("\n".join(lines) + "\n")
+        paths.append(path)
+    return paths
+
+
+def demo_files() -> list[Path]:
+    return [DEMO_DIR / f"{task}.jsonl" for task in DEMO_TASKS]
+
+
+def demo_rows(per_task: int | None = None) -> list[ExampleRow]:
+    """The shipped demo rows (validated like any upload), optionally the first ``per_task`` of each task."""
+    rows = []
+    for path in demo_files():
+        task_rows = load_rows(path.read_bytes(), path.name, default_task=path.stem)
+        rows += task_rows[:per_task] if per_task else task_rows
+    return rows
+
+
+def demo_spec(base_model: str, *, router: str = "modula", **changes: object) -> MixtureSpec:
+    """Universal + one expert per demo task with a learned router, on the MoDULA schedule by default."""
+    spec = default_spec(base_model, list(DEMO_TASKS), router=router)
+    data = spec.model_dump() | {"schedule": {"kind": "modula", "stage_steps": [100, 100, 50]}}
+    return MixtureSpec.model_validate(data | changes)
+
+
+if __name__ == "__main__":
+    for written in write_demo_files():
+        print(written)  # noqa: T201

@@ -1,0 +1,40 @@
+"""The bundled demo: files reproducible from the generator, valid as uploads, four tasks with distinct answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from models.data import validate_upload
+from models.demo import DEMO_TASKS, ROWS_PER_TASK, demo_files, demo_rows, demo_spec, write_demo_files
+
+
+def test_shipped_files_are_what_the_generator_writes(tmp_path: Path) -> None:
+    regenerated = write_demo_files(tmp_path)
+    for shipped, fresh in zip(demo_files(), regenerated, strict=True):
+        assert shipped.read_bytes() == fresh.read_bytes(), shipped.name
+
+
+def test_every_demo_file_passes_upload_validation() -> None:
+    for path in demo_files():
+        report = validate_upload(path.read_bytes(), path.name, default_task=path.stem)
+        assert report.ok, report.summary()
+        assert report.task_counts == {path.stem: ROWS_PER_TASK}
+
+
+def test_answers_follow_each_tasks_rule() -> None:
+    rows = {task: [r for r in demo_rows(per_task=50) if r.task == task] for task in DEMO_TASKS}
+    for row in rows["dates"]:
+        year, month, day = row.input.split("-")
+        assert row.output == f"{day}/{month}/{year}"
+    assert all(row.output == row.input.split("@")[1].split()[0] for row in rows["emails"])
+    assert all(row.output == ("even" if int(row.input) % 2 == 0 else "odd") for row in rows["parity"])
+    assert all(
+        ord(o) - ord(i) in (1, -25) for row in rows["cipher"] for i, o in zip(row.input, row.output, strict=True)
+    )
+
+
+def test_demo_spec_is_universal_plus_one_expert_per_task_with_a_learned_router() -> None:
+    spec = demo_spec("builtin:tiny")
+    assert spec.tasks == list(DEMO_TASKS) and spec.universal.count == 1
+    assert [e.tasks for e in spec.experts] == [[t] for t in DEMO_TASKS]
+    assert spec.router.kind == "modula" and spec.schedule.kind == "modula"
