@@ -86,6 +86,58 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    """Register the bundled demo datasets and a demo mixture, ready to train."""
+    from app.services import StudioContext, register_demo
+
+    ctx = StudioContext()
+    upgrade_head(ctx.settings.db_url)
+    mixture = register_demo(ctx=ctx, base_model=BASES[args.base], router=args.router)
+    print(f"demo mixture '{mixture.name}' on {mixture.base_model} is registered; train it from the Compose tab")
+    return 0
+
+
+def _print_progress(progress: object) -> None:
+    p = progress  # worker.trainer.Progress
+    losses = " ".join(f"{task}={value:.3f}" for task, value in p.task_losses.items())  # type: ignore[attr-defined]
+    eta = f" eta {p.eta_s:.0f}s" if p.eta_s is not None else ""  # type: ignore[attr-defined]
+    print(f"[{p.stage}] step {p.step}/{p.total} loss {p.loss:.4f} {losses}{eta}", flush=True)  # type: ignore[attr-defined]
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Headless: register the data files and the spec, then train in this process, printing progress."""
+    import json
+    import uuid
+    from pathlib import Path
+
+    from app.services import ServiceError, StudioContext, create_dataset, save_mixture
+    from worker.dispatch import submit_training
+    from worker.jobs import run_job
+
+    ctx = StudioContext()
+    upgrade_head(ctx.settings.db_url)
+    suffix = uuid.uuid4().hex[:6]
+    try:
+        spec_json = json.loads(Path(args.spec).read_text())
+        names = []
+        for path in map(Path, args.data):
+            dataset = create_dataset(ctx=ctx, filename=path.name, data=path.read_bytes(), name=f"{path.stem}-{suffix}")
+            names.append(dataset.name)
+        mixture = save_mixture(
+            ctx=ctx, name=args.name or f"{Path(args.spec).stem}-{suffix}", spec_json=spec_json, dataset_names=names
+        )
+    except (OSError, json.JSONDecodeError, ServiceError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    job_id = submit_training(ctx.settings, mixture.id, send=False)
+    outcome = run_job(job_id, settings=ctx.settings, on_progress=_print_progress)
+    print(f"job {job_id}: {outcome}")
+    return 0 if outcome == "succeeded" else 1
+
+
+BASES = {"smollm2": "builtin:smollm2-135m-instruct", "tiny": "builtin:tiny"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mole-studio", description="MoLE Studio: mixtures of LoRA experts.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=_worker)
     migrate = commands.add_parser("migrate", help="bring the database to the latest schema")
     migrate.set_defaults(func=_migrate)
+    demo = commands.add_parser("demo", help="register the bundled demo datasets and mixture")
+    demo.add_argument("--base", choices=sorted(BASES), default="smollm2")
+    demo.add_argument("--router", default="modula", help="router kind of the demo mixture")
+    demo.set_defaults(func=_demo)
+    train = commands.add_parser("train", help="train a mixture spec on data files, headless, printing progress")
+    train.add_argument("spec", help="a MixtureSpec as JSON")
+    train.add_argument("--data", nargs="+", required=True, help="JSONL / CSV / Parquet files")
+    train.add_argument("--name", default=None, help="name of the mixture in the registry")
+    train.set_defaults(func=_train)
     return parser
 
 

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     artifact_root: str | None = Field(default=None, description="Local folder or any fsspec URL.")
     max_upload_mb: int = Field(default=50, ge=1, le=10_000, description="Largest accepted upload, in MiB.")
     visibility_timeout_s: int = Field(default=86_400, ge=1, description="Redis visibility timeout (RELIABILITY §1).")
+    base_cache_dir: Path | None = Field(
+        default=None, description="Where built-in bases are materialised (default: the data dir); shareable."
+    )
     host: str = Field(default="127.0.0.1", description="Address the studio binds to.")
     port: int = Field(default=7860, ge=1, le=65_535)
 
@@ -68,6 +71,11 @@ class Settings(BaseSettings):
     def artifact_url(self) -> str:
         """The artifact store root: ``ARTIFACT_ROOT`` or ``<data dir>/artifacts``."""
         return self.artifact_root or str(self.studio_data_dir / "artifacts")
+
+    @property
+    def bases_data_dir(self) -> Path:
+        """The folder whose ``bases/`` holds materialised built-in bases (SmolLM2 in safetensors, the tiny base)."""
+        return (self.base_cache_dir or self.studio_data_dir).expanduser().resolve()
 
     @property
     def max_upload_bytes(self) -> int:

@@ -14,6 +14,9 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["STUDIO_DATA_DIR"] = tempfile.mkdtemp(prefix="mole-test-session-")
 for _name in ("DATABASE_URL", "BROKER_URL", "ARTIFACT_ROOT", "RESULT_BACKEND"):
     os.environ.pop(_name, None)
+# Built-in bases are built once per checkout (the tiny one is pre-trained), then reused by every test and worker.
+BASE_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "test-bases"
+os.environ.setdefault("BASE_CACHE_DIR", str(BASE_CACHE))
 
 import pytest  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
@@ -81,6 +84,14 @@ def redis_url() -> Iterator[str]:
     yield url
     client.flushdb()
     client.close()
+
+
+@pytest.fixture(scope="session")
+def bases_dir() -> Path:
+    """The shared folder of built-in bases (see BASE_CACHE)."""
+    path = Path(os.environ["BASE_CACHE_DIR"])
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @pytest.fixture

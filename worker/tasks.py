@@ -1,14 +1,44 @@
-"""Celery tasks. Each is thin: it loads what it needs and calls a plain function."""
+"""Celery tasks. Each is thin: it parses its arguments and calls a plain function."""
 
 from __future__ import annotations
 
 import os
 import socket
+import uuid
 
 from celery import shared_task
+from celery.signals import worker_ready, worker_shutdown
+
+from models.settings import get_settings
+from worker.dispatch import Reaper
+
+_reaper: Reaper | None = None
 
 
 @shared_task(name="studio.ping")
 def ping() -> dict[str, object]:
     """Round trip check: answers with the worker's host and pid, so a caller sees a real worker replied."""
     return {"pong": True, "host": socket.gethostname(), "pid": os.getpid()}
+
+
+@shared_task(name="studio.train", bind=True)
+def train(self, job_id: str) -> str:  # noqa: ANN001 - celery's bound task
+    """Run one training job under its lease; a duplicate delivery finds the lease held and returns at once."""
+    from worker.jobs import run_job
+
+    hostname = self.request.hostname or socket.gethostname()
+    return run_job(uuid.UUID(job_id), settings=get_settings(), worker=f"{hostname}:{os.getpid()}")
+
+
+@worker_ready.connect
+def _start_reaper(**_: object) -> None:
+    global _reaper
+    interval = float(os.environ.get("STUDIO_REAP_EVERY_S", "30"))
+    _reaper = Reaper(get_settings(), interval=interval)
+    _reaper.start()
+
+
+@worker_shutdown.connect
+def _stop_reaper(**_: object) -> None:
+    if _reaper is not None:
+        _reaper.stopped.set()
