@@ -486,7 +486,7 @@ def tiny_parameter_count() -> int:
 
 
 def byte_tokenizer() -> PreTrainedTokenizerBase:
-    """Every UTF-8 byte one token (ids 3..258) plus pad/bos/eos; no merges, no normalisation, so decode(encode(s)) == s."""
+    """Every UTF-8 byte one token (ids 3..258) plus pad/bos/eos; no merges or normalisation: decode(encode(s)) == s."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode
