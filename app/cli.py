@@ -29,7 +29,13 @@ def _worker(args: argparse.Namespace) -> int:
     upgrade_head(settings.db_url)
     from worker.celery_app import celery_app
 
-    argv = ["worker", f"--loglevel={args.loglevel}", f"--queues={args.queues}", "--pool=prefork", "--concurrency=1"]
+    argv = [
+        "worker",
+        f"--loglevel={args.loglevel}",
+        f"--queues={args.queues}",
+        "--pool=prefork",
+        f"--concurrency={args.concurrency}",
+    ]
     if args.hostname:
         argv.append(f"--hostname={args.hostname}")
     celery_app.worker_main(argv)
@@ -149,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run a Celery worker on BROKER_URL")
     worker.add_argument("--queues", default="default,train,eval", help="comma-separated queues to consume")
     worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--concurrency", type=int, default=1, help="job slots (one training job per GPU)")
     worker.add_argument("--hostname", default=None, help="Celery node name, e.g. gpu0@%%h")
     worker.set_defaults(func=_worker)
     migrate = commands.add_parser("migrate", help="bring the database to the latest schema")

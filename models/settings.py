@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     base_cache_dir: Path | None = Field(
         default=None, description="Where built-in bases are materialised (default: the data dir); shareable."
     )
+    lease_ttl_s: int = Field(default=60, ge=2, description="A worker's lease on its job; renewed every third of it.")
+    queued_resend_s: int = Field(default=120, ge=1, description="Re-send a queued job's message after this long.")
+    reap_every_s: float = Field(default=30.0, gt=0, description="How often app and workers sweep for lost jobs.")
     host: str = Field(default="127.0.0.1", description="Address the studio binds to.")
     port: int = Field(default=7860, ge=1, le=65_535)
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # Before any studio module reads the environment: offline, no analytics, no writes to ./.studio.
@@ -24,7 +27,8 @@ import sqlalchemy as sa  # noqa: E402
 from models.settings import Settings  # noqa: E402
 from tests import services  # noqa: E402
 
-ARTIFACTS_DIR = Path(__file__).resolve().parent.parent / "test-artifacts"
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS_DIR = ROOT / "test-artifacts"
 
 
 @pytest.fixture
@@ -99,3 +103,32 @@ def artifacts_dir() -> Path:
     """Where tests leave files a person should look at (screenshots); kept after the run."""
     ARTIFACTS_DIR.mkdir(exist_ok=True)
     return ARTIFACTS_DIR
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start real ``mole-studio worker`` processes (own process group) with extra environment; stopped at teardown."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*, concurrency: int = 1, **env: str) -> subprocess.Popen[bytes]:
+        log = open(tmp_path / f"worker-{len(started)}.log", "ab")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "worker", "--loglevel=INFO", f"--concurrency={concurrency}"],
+            cwd=ROOT,
+            env=os.environ | env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from datetime import timedelta
 
 import sqlalchemy as sa
 
@@ -14,7 +15,6 @@ from models.spec import MixtureSpec
 from worker.lease import log_event, reap
 
 log = logging.getLogger(__name__)
-REAP_EVERY_S = 30.0
 
 
 def submit_training(settings: Settings, mixture_id: uuid.UUID, *, send: bool = True) -> uuid.UUID:
@@ -69,7 +69,7 @@ def cancel(settings: Settings, job_id: uuid.UUID) -> JobState:
 def reap_and_resend(settings: Settings) -> None:
     """One reaper sweep, then wake workers for every job it put back in the queue."""
     with session_scope(settings.db_url) as s:
-        reaped = reap(s)
+        reaped = reap(s, resend_after=timedelta(seconds=settings.queued_resend_s))
     for job_id in reaped.requeued + reaped.resend:
         dispatch(settings, job_id)
     if reaped.requeued or reaped.failed:
@@ -79,9 +79,10 @@ def reap_and_resend(settings: Settings) -> None:
 class Reaper(threading.Thread):
     """Sweeps every ``interval`` seconds in the app and in every worker (RELIABILITY.md §1)."""
 
-    def __init__(self, settings: Settings, interval: float = REAP_EVERY_S) -> None:
+    def __init__(self, settings: Settings, interval: float | None = None) -> None:
         super().__init__(daemon=True, name="reaper")
-        self.settings, self.interval, self.stopped = settings, interval, threading.Event()
+        self.settings, self.stopped = settings, threading.Event()
+        self.interval = interval or settings.reap_every_s
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval):

@@ -30,7 +30,7 @@ from models.registry import Dataset, Expert, ExpertKind, Job, JobState, Metric, 
 from models.settings import Settings
 from models.spec import MixtureSpec
 from models.storage import ArtifactStore
-from worker.lease import LEASE_TTL, LeaseLost, claim, finish, heartbeat, log_event
+from worker.lease import LeaseLost, claim, finish, heartbeat, log_event
 from worker.trainer import Progress, Trainer, TrainerHooks, TrainingCancelled
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,10 @@ class _Recorder:
                 for task, value in weights.items()
             )
 
+    def resumed(self, step: int) -> None:
+        with session_scope(self.db_url) as s:
+            log_event(s, self.job_id, "resumed", f"resumed at step {step}", step=step)
+
     def checkpoint(self, step: int, key: str) -> None:
         with session_scope(self.db_url) as s:
             s.execute(sa.update(Job).where(Job.id == self.job_id).values(checkpoint_key=key))
@@ -141,11 +145,11 @@ def run_job(
     *,
     settings: Settings,
     worker: str | None = None,
-    lease_ttl: timedelta = LEASE_TTL,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> str:
     """Claim and run one training job to a terminal state; returns what happened (for logs and tests)."""
     worker = worker or worker_id()
+    lease_ttl = timedelta(seconds=settings.lease_ttl_s)
     db = settings.db_url
     with session_scope(db) as s:
         if not claim(s, job_id, worker, ttl=lease_ttl):
@@ -190,6 +194,7 @@ def _train(
         on_progress=progress,
         on_metrics=recorder.metrics,
         on_checkpoint=recorder.checkpoint,
+        on_resume=recorder.resumed,
         should_stop=recorder.should_stop,
     )
     with tempfile.TemporaryDirectory(prefix="mole-job-") as tmp:

@@ -33,8 +33,7 @@ def train(self, job_id: str) -> str:  # noqa: ANN001 - celery's bound task
 @worker_ready.connect
 def _start_reaper(**_: object) -> None:
     global _reaper
-    interval = float(os.environ.get("STUDIO_REAP_EVERY_S", "30"))
-    _reaper = Reaper(get_settings(), interval=interval)
+    _reaper = Reaper(get_settings())
     _reaper.start()
 
 

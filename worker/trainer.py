@@ -57,6 +57,7 @@ class TrainerHooks:
     on_progress: Callable[[Progress], None] = lambda progress: None
     on_metrics: Callable[[int, dict[str, dict[str, float]], dict[str, float]], None] = lambda step, m, w: None
     on_checkpoint: Callable[[int, str], None] = lambda step, key: None
+    on_resume: Callable[[int], None] = lambda step: None
     should_stop: Callable[[], bool] = lambda: False
 
 
@@ -161,6 +162,7 @@ class Trainer:
         position = resumed.state if resumed else {"stage": 0, "stage_step": 0, "step": 0}
         if resumed:
             log.info("resumed at step %d", resumed.step)
+            self.hooks.on_resume(resumed.step)
             self.scores = resumed.state.get("scores", self.scores)
         step = position["step"]
         stage_seconds: dict[str, float] = {}
