@@ -24,7 +24,7 @@ from worker.trainer import Progress, Trainer, TrainerHooks
 
 BASES = {"tiny": BUILTIN_TINY, "smollm2": BUILTIN_SMOLLM2}
 DEFAULTS = {  # stage steps (universal, domain, router), batch size, learning rate, max length
-    "tiny": ([300, 400, 100], 16, 3e-3, 128),
+    "tiny": ([300, 900, 200], 16, 5e-3, 128),
     "smollm2": ([60, 100, 40], 8, 1e-3, 160),
 }
 
@@ -54,14 +54,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, nargs=3, default=None, help="steps of the three MoDULA stages")
     parser.add_argument("--rows", type=int, default=400, help="rows per task")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--granularity", choices=["token", "sequence"], default="sequence")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps, batch, lr, max_length = DEFAULTS[args.base]
     steps = args.steps or steps
     spec = demo_spec(BASES[args.base], router=args.router).model_dump(mode="json")
-    spec["schedule"] |= {"kind": "modula", "stage_steps": steps, "batch_size": batch, "learning_rate": lr,
-                         "max_length": max_length, "eval_every": 10_000, "checkpoint_every": 10_000}
+    spec["schedule"] |= {
+        "kind": "modula",
+        "stage_steps": steps,
+        "batch_size": batch,
+        "learning_rate": lr,
+        "max_length": max_length,
+        "eval_every": 10_000,
+        "checkpoint_every": 10_000,
+    }
     spec["target_modules"] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    spec["schedule"]["router_learning_rate"] = 1e-2
+    spec["router"]["options"] = spec["router"]["options"] | {"granularity": args.granularity}
     from models.spec import MixtureSpec
 
     spec_obj = MixtureSpec.model_validate(spec)
@@ -76,13 +86,24 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{p.stage}] step {p.step}/{p.total} loss {p.loss:.3f} {losses}", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(spec_obj, rows, data_dir=settings.bases_data_dir, work_dir=Path(tmp),
-                          hooks=TrainerHooks(on_progress=report), eval_max_per_task=40)
+        trainer = Trainer(
+            spec_obj,
+            rows,
+            data_dir=settings.bases_data_dir,
+            work_dir=Path(tmp),
+            hooks=TrainerHooks(on_progress=report),
+            eval_max_per_task=40,
+        )
         started = time.monotonic()
         result = trainer.run()
         minutes = (time.monotonic() - started) / 60
-        metrics = evaluate_tasks(trainer.mixture, trainer.tokenizer, trainer.data.holdout, max_per_task=40,
-                                 max_new_tokens=trainer.answer_tokens)
+        metrics = evaluate_tasks(
+            trainer.mixture,
+            trainer.tokenizer,
+            trainer.data.holdout,
+            max_per_task=40,
+            max_new_tokens=trainer.answer_tokens,
+        )
         routing = routing_by_task(trainer, trainer.data.holdout)
     print(f"stage seconds: {', '.join(f'{k}={v:.0f}' for k, v in result.stage_seconds.items())}")
     print(f"trainable parameters per stage: {result.trainable}")
@@ -98,8 +119,10 @@ def main(argv: list[str] | None = None) -> None:
         specialised += top == own
         shown = " ".join(f"{n.split('-')[0]}={w:.2f}" for n, w in zip(names, weights.tolist(), strict=True))
         print(f"{task:8s} exact_match={em:.2f} routing: {shown} {'(own expert)' if top == own else ''}")
-    print(f"tasks_at_0.9={good} of {len(DEMO_TASKS)} minutes={minutes:.1f} specialised={specialised} of "
-          f"{len(DEMO_TASKS)}")
+    print(
+        f"tasks_at_0.9={good} of {len(DEMO_TASKS)} minutes={minutes:.1f} specialised={specialised} of "
+        f"{len(DEMO_TASKS)}"
+    )
 
 
 if __name__ == "__main__":

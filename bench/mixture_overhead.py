@@ -7,8 +7,10 @@ Times forward + backward, interleaved round-robin in one run, of
     loop     the same experts and router, one ``g_e · s_e · B_e(A_e x)`` per expert summed in Python (reference)
     base     the frozen linear alone
 
-on one linear and on a small Llama (targets q/k/v/o). The frozen matmul is the same in every variant, so the
-*adapter path* of a variant is its time minus the base's, taken per round (paired) and then the median.
+on one linear and on a small Llama (targets q/k/v/o), each in two round-robin rotations: {base, mixture, peft},
+then {base, mixture, loop} (the loop's full-size temporaries would otherwise disturb the headline comparison).
+The frozen matmul is the same in every variant, so the *adapter path* of a variant is its time minus the base's,
+taken per round (paired) and then the median.
 Ratios are only ever between numbers measured in this run; the last line is machine-readable:
 
     overhead_vs_single_lora=<mixture adapter / peft adapter> speedup_vs_loop=<loop adapter / mixture adapter>
@@ -200,23 +202,35 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:9.2f}"
 
 
-def table(title: str, times: dict[str, list[float]], ref: str = "peft") -> dict[str, float]:
-    """Print median whole / adapter-path times and ratios against ``ref``; return the adapter medians."""
+def table(title: str, times: dict[str, list[float]], ref: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Print median whole / adapter-path times and ratios against ``ref``; return (whole, adapter) medians."""
     whole = {name: statistics.median(ts) for name, ts in times.items()}
     adapter = adapter_times(times)
     print(f"\n{title}")
     print(
-        f"  {'variant':<10}{'whole ms':>10}{'p25':>9}{'p75':>9}{'adapter ms':>12}{'whole/' + ref:>12}"
-        f"{'adapter/' + ref:>14}"
+        f"  {'variant':<10}{'whole ms':>10}{'p25':>9}{'p75':>9}{'adapter ms':>12}{'whole/' + ref:>15}"
+        f"{'adapter/' + ref:>17}"
     )
     for name, ts in times.items():
-        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+        q = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else [ts[0]] * 3
         a = adapter.get(name)
         a_col = f"{a * 1e3:12.2f}" if a is not None else f"{'—':>12}"
-        w_ratio = f"{whole[name] / whole[ref]:12.3f}"
-        a_ratio = f"{a / adapter[ref]:14.3f}" if a is not None else f"{'—':>14}"
+        w_ratio = f"{whole[name] / whole[ref]:15.3f}"
+        a_ratio = f"{a / adapter[ref]:17.3f}" if a is not None else f"{'—':>17}"
         print(f"  {name:<10}{_ms(whole[name])} {_ms(q[0])[1:]} {_ms(q[2])[1:]}{a_col}{w_ratio}{a_ratio}")
-    return adapter
+    return whole, adapter
+
+
+@dataclass
+class Rotations:
+    """Two round-robin rotations of one model: mixture vs PEFT, then mixture vs the loop.
+
+    Apart because in local trials the loop (many full-size temporaries) in the same rotation raised the measured
+    mixture/PEFT ratio by several per cent, biasing the headline figure; each rotation has its own base.
+    """
+
+    vs_peft: dict[str, list[float]]
+    vs_loop: dict[str, list[float]] | None
 
 
 # --- the two benchmarks -----------------------------------------------------------------------------------------
@@ -224,19 +238,17 @@ def table(title: str, times: dict[str, list[float]], ref: str = "peft") -> dict[
 
 def bench_linear(
     sizes: Sizes, *, repeats: int, warmup: int, input_grad: bool, max_seconds: float | None = None
-) -> dict[str, list[float]]:
+) -> Rotations:
     torch.manual_seed(0)
     base = nn.Linear(sizes.d, sizes.d, bias=False).requires_grad_(False)
     mixture = mixture_linear(base, sizes)
     _randomise_adapters(mixture, seed=1)
-    loop = LoopMixtureLinear(mixture)
     peft = peft_lora(OneLinear(copy.deepcopy(base)), ["proj"], sizes.experts * sizes.rank, sizes.alpha * sizes.experts)
     _randomise_adapters(peft, seed=2)
 
     x = torch.randn(sizes.batch, sizes.tokens, sizes.d, requires_grad=input_grad)
     grad = torch.randn(sizes.batch, sizes.tokens, sizes.d)  # backward of sum(out · grad)
-    with torch.no_grad():
-        torch.testing.assert_close(loop(x), mixture(x), atol=1e-4, rtol=1e-4)
+    frozen_params = [x] if input_grad else []
 
     def train_step(module: nn.Module) -> Callable[[], None]:
         def step() -> None:
@@ -249,14 +261,21 @@ def bench_linear(
         if input_grad:  # the frozen matmul's own backward (dx) is then part of every variant
             out.backward(grad)
 
-    frozen_params = [x] if input_grad else []
-    variants = [
-        Variant("base", base_step, frozen_params),
-        Variant("mixture", train_step(mixture), _trainable(mixture) + frozen_params),
-        Variant("peft", train_step(peft), _trainable(peft) + frozen_params),
-        Variant("loop", train_step(loop), _trainable(loop) + frozen_params),
-    ]
-    return measure(variants, repeats=repeats, warmup=warmup, max_seconds=max_seconds)
+    base_variant = Variant("base", base_step, frozen_params)
+    mixture_variant = Variant("mixture", train_step(mixture), _trainable(mixture) + frozen_params)
+    peft_variant = Variant("peft", train_step(peft), _trainable(peft) + frozen_params)
+    vs_peft = measure(
+        [base_variant, mixture_variant, peft_variant], repeats=repeats, warmup=warmup, max_seconds=max_seconds
+    )
+
+    loop = LoopMixtureLinear(mixture)
+    with torch.no_grad():
+        torch.testing.assert_close(loop(x), mixture(x), atol=1e-4, rtol=1e-4)
+    loop_variant = Variant("loop", train_step(loop), _trainable(loop) + frozen_params)
+    vs_loop = measure(
+        [base_variant, mixture_variant, loop_variant], repeats=repeats, warmup=warmup, max_seconds=max_seconds
+    )
+    return Rotations(vs_peft, vs_loop)
 
 
 def tiny_llama(sizes: Sizes) -> nn.Module:
@@ -282,7 +301,7 @@ def _embeddings_require_grad(module: nn.Module, args: tuple[Tensor, ...], output
 
 def bench_llama(
     sizes: Sizes, *, repeats: int, warmup: int, with_loop: bool, max_seconds: float | None = None
-) -> dict[str, list[float]]:
+) -> Rotations:
     base = tiny_llama(sizes)
     # Every variant (copies included) backpropagates down to the input embeddings, so the frozen network's own
     # backward is the same in all of them and "variant − base" is the adapters' work alone.
@@ -315,20 +334,44 @@ def bench_llama(
 
         return step
 
-    variants = [
-        Variant("base", train_step(base), []),
-        Variant("mixture", train_step(mixture), _trainable(mixture)),
-        Variant("peft", train_step(peft), _trainable(peft)),
-    ]
-    if with_loop:
-        loop = _loop_model(mixture)
-        with torch.no_grad():
-            torch.testing.assert_close(loop(input_ids=ids).logits, mixture(input_ids=ids).logits, atol=1e-3, rtol=1e-3)
-        variants.append(Variant("loop", train_step(loop), _trainable(loop)))
-    return measure(variants, repeats=repeats, warmup=warmup, max_seconds=max_seconds)
+    base_variant = Variant("base", train_step(base), [])
+    mixture_variant = Variant("mixture", train_step(mixture), _trainable(mixture))
+    peft_variant = Variant("peft", train_step(peft), _trainable(peft))
+    vs_peft = measure(
+        [base_variant, mixture_variant, peft_variant], repeats=repeats, warmup=warmup, max_seconds=max_seconds
+    )
+    if not with_loop:
+        return Rotations(vs_peft, None)
+    loop = _loop_model(mixture)
+    with torch.no_grad():
+        torch.testing.assert_close(loop(input_ids=ids).logits, mixture(input_ids=ids).logits, atol=1e-3, rtol=1e-3)
+    loop_variant = Variant("loop", train_step(loop), _trainable(loop))
+    vs_loop = measure(
+        [base_variant, mixture_variant, loop_variant], repeats=repeats, warmup=warmup, max_seconds=max_seconds
+    )
+    return Rotations(vs_peft, vs_loop)
 
 
 # --- entry point -------------------------------------------------------------------------------------------------
+
+
+def _busy_cpus(seconds: float = 0.5) -> float | None:
+    """CPUs kept busy by anything over the next ``seconds`` (from /proc/stat); None where there is no /proc."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)
+        return sum(values), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    cpus = os.cpu_count() or 1
+    return cpus * (1 - (idle1 - idle0) / max(total1 - total0, 1))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -336,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--repeats", type=int, default=60, help="timed rounds on the single linear (default 60)")
     parser.add_argument("--llama-repeats", type=int, default=None, help="timed rounds on the Llama (default 10)")
     parser.add_argument(
-        "--max-seconds", type=float, default=60.0, help="stop a benchmark's rounds after this long (default 60)"
+        "--max-seconds", type=float, default=40.0, help="stop a rotation's rounds after this long (default 40)"
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first on the linear (default 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
@@ -354,39 +397,45 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes, via peft
 
     rank = sizes.experts * sizes.rank
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} threads on {os.cpu_count()} CPUs (load average {load})")
-    cpus = os.cpu_count() or 1
-    if os.getloadavg()[0] + threads > cpus + 0.5:
+    busy = None if args.quick else _busy_cpus()
+    busy_note = f", {busy:.1f} CPUs busy before the start" if busy is not None else ""
+    print(f"torch {torch.__version__}, {threads} threads on {os.cpu_count()} CPUs{busy_note}")
+    if busy is not None and busy + threads > (os.cpu_count() or 1) + 0.5:
         print(
-            "note: the machine looks busy; when other processes hold the cores, every multi-threaded op waits for a"
-            " descheduled thread, which penalises many small ops (compare with --threads 1)"
+            "note: other processes hold the cores, so timings are slowed and ratios less stable"
+            + (
+                "; with several threads every multi-threaded op waits for a descheduled one, which penalises"
+                " many small ops (compare with --threads 1)"
+                if threads > 1
+                else ""
+            )
         )
     print(
-        f"rounds: up to {args.repeats} (linear) / {llama_repeats} (Llama), each part capped at {args.max_seconds:g} s;"
-        f" every round runs each variant once, order rotated; {warmup} warmup round(s); medians"
+        f"rounds: up to {args.repeats} (linear) / {llama_repeats} (Llama) per rotation, each capped at"
+        f" {args.max_seconds:g} s; a round runs each variant once, order rotated; {warmup} warmup round(s); medians"
     )
-    tokens = sizes.batch * sizes.tokens
     print(f"E={sizes.experts} experts x r={sizes.rank} (softmax router, token, no universal) vs PEFT LoRA r={rank}")
+
     linear = bench_linear(
         sizes, repeats=args.repeats, warmup=warmup, input_grad=args.input_grad, max_seconds=args.max_seconds
     )
-    title = (
-        f"single linear {sizes.d}x{sizes.d}, {tokens} tokens ({sizes.batch}x{sizes.tokens}), fwd+bwd, "
-        f"{len(linear['base'])} rounds"
-        + (", x requires grad" if args.input_grad else "\n  ('base' = the frozen linear, forward only)")
+    tokens = sizes.batch * sizes.tokens
+    where = f"single linear {sizes.d}x{sizes.d}, {tokens} tokens ({sizes.batch}x{sizes.tokens}), fwd+bwd"
+    base_note = "x requires grad" if args.input_grad else "'base' = the frozen linear, forward only"
+    whole, adapter = table(f"{where}, {len(linear.vs_peft['base'])} rounds ({base_note})", linear.vs_peft, "peft")
+    assert linear.vs_loop is not None
+    _, loop_adapter = table(
+        f"  same, against the loop, {len(linear.vs_loop['base'])} rounds", linear.vs_loop, "mixture"
     )
-    adapter = table(title, linear)
-    whole = {name: statistics.median(ts) for name, ts in linear.items()}
-    rounds = zip(linear["mixture"], linear["peft"], linear["base"], strict=True)
+    rounds = zip(linear.vs_peft["mixture"], linear.vs_peft["peft"], linear.vs_peft["base"], strict=True)
     per_round = [(m - b) / (p - b) for m, p, b in rounds if p > b] or [float("nan")]
-    spread = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else [per_round[0]] * 3
+    spread = statistics.quantiles(per_round, n=4, method="inclusive") if len(per_round) > 1 else [per_round[0]] * 3
     # matmul FLOPs, adapter path: LoRA 5 (6 with dx) of 2·N·d·R; router 2 (3 with dx) of 2·N·d·E
     floor = 1 + (3 if args.input_grad else 2) * sizes.experts / ((6 if args.input_grad else 5) * rank)
     result = {
         "overhead_vs_single_lora": adapter["mixture"] / adapter["peft"],
-        "speedup_vs_loop": adapter["loop"] / adapter["mixture"],
+        "speedup_vs_loop": loop_adapter["loop"] / loop_adapter["mixture"],
         "whole_layer_vs_peft": whole["mixture"] / whole["peft"],
     }
     print(
@@ -407,20 +456,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         title = (
             f"Llama hidden {sizes.hidden}, {sizes.layers} layers, {sizes.heads} heads, intermediate "
             f"{sizes.intermediate}, vocab {sizes.vocab}; batch {sizes.llama_batch} x seq {sizes.seq}; "
-            f"targets {','.join(TARGETS)}; fwd+bwd, {len(llama['base'])} rounds\n"
+            f"targets {','.join(TARGETS)}; fwd+bwd, {len(llama.vs_peft['base'])} rounds\n"
             "  (every variant backpropagates to the input embeddings; 'base' = the frozen model alone)"
         )
-        llama_adapter = table(title, llama)
-        llama_whole = {name: statistics.median(ts) for name, ts in llama.items()}
+        llama_whole, llama_adapter = table(title, llama.vs_peft, "peft")
         result["llama_whole_vs_peft"] = llama_whole["mixture"] / llama_whole["peft"]
         result["llama_adapter_vs_peft"] = llama_adapter["mixture"] / llama_adapter["peft"]
+        if llama.vs_loop is not None:
+            n = len(llama.vs_loop["base"])
+            _, llama_loop = table(f"  same, against the loop, {n} rounds", llama.vs_loop, "mixture")
+            result["llama_speedup_vs_loop"] = llama_loop["loop"] / llama_loop["mixture"]
         print(
             f"  whole model  mixture/peft {result['llama_whole_vs_peft']:.3f}; "
             f"adapter path mixture/peft {result['llama_adapter_vs_peft']:.3f}"
+            + (f"; loop/mixture {result['llama_speedup_vs_loop']:.2f}" if "llama_speedup_vs_loop" in result else "")
         )
-        if "loop" in llama_adapter:
-            result["llama_speedup_vs_loop"] = llama_adapter["loop"] / llama_adapter["mixture"]
-            print(f"  adapter path loop/mixture {result['llama_speedup_vs_loop']:.2f}")
 
     print(
         f"overhead_vs_single_lora={result['overhead_vs_single_lora']:.2f} "

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.routers import Router, RouterOutput, RoutingInputs
@@ -77,6 +78,7 @@ class LoRAExperts(nn.Module):
         self.up = nn.ParameterList()
         self.register_buffer("scale", torch.empty(0), persistent=False)  # (E,) α/r
         self.register_buffer("owner", torch.empty(0, dtype=torch.long), persistent=False)  # (R,) expert of a rank row
+        self.register_buffer("expand", torch.empty(0, 0), persistent=False)  # (E, R): s_e on expert e's rank rows
         for rank, alpha in zip(ranks, alphas, strict=True):
             self.add(rank, alpha)
 
@@ -93,6 +95,7 @@ class LoRAExperts(nn.Module):
         device = a.device
         self.scale = torch.cat([self.scale.to(device), torch.tensor([alpha / rank], device=device)])
         self.owner = torch.cat([self.owner.to(device), torch.full((rank,), index, dtype=torch.long, device=device)])
+        self.expand = F.one_hot(self.owner, len(self.down)).T.to(self.scale.dtype) * self.scale[:, None]  # (E, R)
 
     def __len__(self) -> int:
         return len(self.down)
@@ -102,7 +105,7 @@ class LoRAExperts(nn.Module):
         a_cat = torch.cat(list(self.down)) if len(self.down) > 1 else self.down[0]  # (R, d_in)
         b_cat = torch.cat(list(self.up), dim=1) if len(self.up) > 1 else self.up[0]  # (d_out, R)
         z = x @ a_cat.T  # (B, T, R)
-        per_rank = (coef * self.scale.to(coef.dtype))[..., self.owner]  # (B, T|1, R)
+        per_rank = coef @ self.expand.to(coef.dtype)  # (B, T|1, R): g_e·s_e on e's rank rows, a matmul not a gather
         return (z * per_rank) @ b_cat.T  # (B, T, d_out)
 
 
@@ -242,25 +245,34 @@ class MixtureLinear(nn.Module):
         state = self.state
         if state.trace is not None and out is not None:
             state.trace.record(self.name, self._routed_names(), out, x.shape[1])
-        ones = xd.new_ones(x.shape[0], 1, self.n_universal)  # (B, 1, U)
-        universal_off = [n in state.disabled for n in self.expert_names[: self.n_universal]]
-        if any(universal_off):
-            ones = ones * torch.tensor([not off for off in universal_off], device=xd.device, dtype=xd.dtype)
         gates = out.weights if out is not None else xd.new_zeros(x.shape[0], 1, 0)  # (B, T|1, E_routed)
         if out is not None and out.scale is not None:
             gates = gates * out.scale  # c(x, t)
         if self.routes_universal:
             universal_coef, specific_coef = gates[..., : self.n_universal], gates[..., self.n_universal :]
         else:
-            universal_coef, specific_coef = ones, gates
+            universal_coef, specific_coef = self._universal_on(xd), gates
         delta = None
         if self.experts is not None:
-            coef = universal_coef if self.shared is not None else _cat_coef(universal_coef, specific_coef)
+            if self.shared is not None:
+                coef = universal_coef
+            elif self.routes_universal:
+                coef = gates  # MoDULA-Flan: the router already weighs universal and domain experts together
+            elif self.n_universal == 0:
+                coef = specific_coef
+            else:
+                coef = _cat_coef(universal_coef, specific_coef)
             delta = self.experts(xd, coef)  # (B, T, d_out)
         if self.shared is not None and low_rank is not None:
             shared_delta = self.shared(low_rank, specific_coef)
             delta = shared_delta if delta is None else delta + shared_delta
         return result if delta is None else result + delta.to(result.dtype)
+
+    def _universal_on(self, xd: Tensor) -> Tensor:
+        """(1, 1, U): 1 for each always-on universal expert, 0 where the playground switched it off."""
+        names = self.expert_names[: self.n_universal]
+        on = [0.0 if n in self.state.disabled else 1.0 for n in names]
+        return torch.tensor(on, device=xd.device, dtype=xd.dtype).view(1, 1, -1)
 
     # --- growing and introspection ---
 
@@ -295,9 +307,6 @@ class MixtureLinear(nn.Module):
 
 
 def _cat_coef(universal: Tensor, specific: Tensor) -> Tensor:
-    """Join (B, 1|T, U) and (B, 1|T, S) into (B, T', U + S), broadcasting the token axis."""
-    if universal.shape[1] != specific.shape[1]:
-        t = max(universal.shape[1], specific.shape[1])
-        universal = universal.expand(-1, t, -1)
-        specific = specific.expand(-1, t, -1)
-    return torch.cat([universal, specific], dim=-1)
+    """Join (1|B, 1|T, U) and (B, 1|T, S) into (B, T', U + S), broadcasting the batch and token axes."""
+    b, t = max(universal.shape[0], specific.shape[0]), max(universal.shape[1], specific.shape[1])
+    return torch.cat([universal.expand(b, t, -1), specific.expand(b, t, -1)], dim=-1)

@@ -192,7 +192,8 @@ class SoftmaxRouter(Router):
 
     def logits(self, x: Tensor, inputs: RoutingInputs) -> Tensor:
         q = self.router_input(x, inputs)  # (B, T|1, d_in)
-        return self.gate(q.to(self.gate.weight.dtype)).float() / self.options.temperature  # (B, T|1, E) in fp32
+        logits = self.gate(q.to(self.gate.weight.dtype)).float()  # (B, T|1, E) in fp32
+        return logits if self.options.temperature == 1.0 else logits / self.options.temperature
 
     def forward(self, x: Tensor, inputs: RoutingInputs, low_rank: Tensor | None = None) -> RouterOutput:
         return RouterOutput(weights=self.logits(x, inputs).softmax(dim=-1).to(x.dtype))

@@ -113,6 +113,7 @@ class ScheduleSpec(_Frozen):
     batch_size: int = Field(8, ge=1, le=1024)
     grad_accum: int = Field(1, ge=1, le=256)
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
+    router_learning_rate: float | None = Field(None, gt=0.0, le=1.0, description="router-only stages (default: lr)")
     warmup_steps: int = Field(0, ge=0)
     max_length: int = Field(256, ge=8, le=32_768)
     seed: int = 0

@@ -192,7 +192,9 @@ class Trainer:
         params = [p for p in mixture.parameters() if p.requires_grad]
         if not params:
             return step, 0
-        optimizer = torch.optim.AdamW(params, lr=schedule.learning_rate, weight_decay=0.0)
+        router_only = stage.router and not stage.experts
+        lr = schedule.router_learning_rate if router_only and schedule.router_learning_rate else schedule.learning_rate
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         scheduler = get_scheduler(
             "linear",
             optimizer,
