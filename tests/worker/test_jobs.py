@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from app.services import StudioContext, create_dataset, save_mixture
+from app.services import ServiceError, StudioContext, create_dataset, save_mixture
 from migrations import upgrade_head
 from models.bases import BUILTIN_TINY
 from models.demo import DEMO_TASKS, demo_files, demo_spec
 from models.registry import Expert, Job, JobEvent, JobState, Metric, Mixture, session_scope
 from models.settings import Settings
+from models.spec import MixtureSpec
 from worker.dispatch import cancel, submit_training
 from worker.jobs import run_job
 
@@ -118,3 +119,39 @@ def test_a_damaged_dataset_file_fails_the_job_with_a_reason(ctx: StudioContext) 
     job_id = submit_training(ctx.settings, mixture_id, send=False)
     assert run_job(job_id, settings=ctx.settings) == "failed"
     assert "binary" in (_job(ctx, job_id).error or "")
+
+
+def test_a_mixture_naming_a_missing_dataset_is_refused_before_anything_is_stored(ctx: StudioContext) -> None:
+    spec = demo_spec(BUILTIN_TINY).model_dump(mode="json")
+    with pytest.raises(ServiceError, match="no dataset named nowhere"):
+        save_mixture(ctx=ctx, name="broken", spec_json=spec, dataset_names=[*DEMO_TASKS[:3], "nowhere"])
+    with ctx.session() as s:
+        assert s.scalars(sa.select(Mixture).where(Mixture.name == "broken")).all() == []
+
+
+def test_add_task_on_a_parent_with_a_pickle_adapter_fails_naming_it(ctx: StudioContext) -> None:
+    parent_id = _mixture(ctx, steps=2)
+    parent_job = submit_training(ctx.settings, parent_id, send=False)
+    assert run_job(parent_job, settings=ctx.settings) == "succeeded"
+    with ctx.session() as s:
+        key = s.scalars(sa.select(Expert.adapter_key).where(Expert.job_id == parent_job)).first()
+        parent = s.get(Mixture, parent_id)
+        parent_spec, parent_name = MixtureSpec.model_validate(parent.spec_json), parent.name
+    ctx.store.put_bytes(key.rsplit("/", 1)[0] + "/adapter_model.bin", b"\x80\x04not really a pickle")
+    three = [t for t in DEMO_TASKS if t != "cipher"]
+    child_spec = parent_spec.model_copy(
+        update={"tasks": three, "experts": [e for e in parent_spec.experts if e.tasks != ["cipher"]]}
+    )
+    grown = MixtureSpec.model_validate(child_spec.model_dump()).with_task_expert("cipher", name="cipher-new")
+    child = save_mixture(
+        ctx=ctx,
+        name="child",
+        spec_json=grown.model_dump(mode="json"),
+        dataset_names=list(DEMO_TASKS),
+        parent=parent_name,
+    )
+    job_id = submit_training(ctx.settings, child.id, send=False)
+    assert run_job(job_id, settings=ctx.settings) == "failed"
+    assert "adapter_model.bin" in (_job(ctx, job_id).error or "")
+    with ctx.session() as s:
+        assert s.scalars(sa.select(Expert).where(Expert.job_id == job_id)).all() == []
