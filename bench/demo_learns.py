@@ -24,7 +24,7 @@ from worker.trainer import Progress, Trainer, TrainerHooks
 
 BASES = {"tiny": BUILTIN_TINY, "smollm2": BUILTIN_SMOLLM2}
 DEFAULTS = {  # stage steps (universal, domain, router), batch size, learning rate, max length
-    "tiny": ([300, 900, 200], 16, 5e-3, 128),
+    "tiny": ([300, 900, 300], 16, 5e-3, 128),
     "smollm2": ([60, 100, 40], 8, 1e-3, 160),
 }
 
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=400, help="rows per task")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--granularity", choices=["token", "sequence"], default="sequence")
+    parser.add_argument("--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj"], help="target modules")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps, batch, lr, max_length = DEFAULTS[args.base]
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         "eval_every": 10_000,
         "checkpoint_every": 10_000,
     }
-    spec["target_modules"] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    spec["target_modules"] = args.targets
     spec["schedule"]["router_learning_rate"] = 1e-2
     spec["router"]["options"] = spec["router"]["options"] | {"granularity": args.granularity}
     from models.spec import MixtureSpec
