@@ -55,8 +55,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=400, help="rows per task")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--granularity", choices=["token", "sequence"], default="sequence")
-    parser.add_argument("--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                          "up_proj", "down_proj"], help="target modules")
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        help="target modules",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps, batch, lr, max_length = DEFAULTS[args.base]
