@@ -132,3 +132,13 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[byte
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+def add_demo_datasets(ctx: object, lines: int = 40) -> None:
+    """Register the first ``lines`` rows of each bundled demo task as a dataset named after the task."""
+    from app.services import create_dataset
+    from models.demo import demo_files
+
+    for path in demo_files():
+        data = b"".join(path.read_bytes().splitlines(keepends=True)[:lines])
+        create_dataset(ctx=ctx, filename=path.name, data=data, name=path.stem)  # type: ignore[arg-type]

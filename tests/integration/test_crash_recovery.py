@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from app.services import StudioContext, create_dataset, save_mixture
+from app.services import StudioContext, save_mixture
 from migrations import upgrade_head
 from models.bases import BUILTIN_TINY
-from models.demo import DEMO_TASKS, demo_files, demo_spec
+from models.demo import DEMO_TASKS, demo_spec
 from models.registry import Expert, Job, JobEvent, JobState
 from models.settings import Settings
 from tests import services
+from tests.conftest import add_demo_datasets
 from worker.dispatch import cancel, submit_training
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -39,9 +40,7 @@ def _ctx(data_dir: Path, bases_dir: Path, broker_url: str | None) -> StudioConte
     )
     upgrade_head(settings.db_url)
     ctx = StudioContext(settings=settings)
-    for path in demo_files():
-        lines = path.read_bytes().splitlines(keepends=True)[:40]
-        create_dataset(ctx=ctx, filename=path.name, data=b"".join(lines), name=path.stem)
+    add_demo_datasets(ctx)
     return ctx
 
 
@@ -176,9 +175,9 @@ def test_a_job_longer_than_the_visibility_timeout_runs_once(
     data_dir: Path, bases_dir: Path, redis_url: str, start_worker: Callable[..., subprocess.Popen]
 ) -> None:
     ctx = _ctx(data_dir, bases_dir, redis_url)
-    start_worker(concurrency=2, **_env(ctx, VISIBILITY_TIMEOUT_S="3"))
-    job_id = submit_training(ctx.settings, _mixture(ctx, steps=200, checkpoint_every=50))
-    job = _wait(ctx, job_id, _terminal, 300)
+    start_worker(concurrency=2, **_env(ctx, VISIBILITY_TIMEOUT_S="2"))
+    job_id = submit_training(ctx.settings, _mixture(ctx, steps=500, checkpoint_every=100))
+    job = _wait(ctx, job_id, _terminal, 600)
     assert job.state is JobState.SUCCEEDED, job.error
     assert job.attempt == 1
     assert "skipped" in [e.kind for e in _events(ctx, job_id)]  # Redis redelivered it; the lease turned it away

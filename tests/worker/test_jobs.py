@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from app.services import ServiceError, StudioContext, create_dataset, save_mixture
+from app.services import ServiceError, StudioContext, save_mixture
 from migrations import upgrade_head
 from models.bases import BUILTIN_TINY
-from models.demo import DEMO_TASKS, demo_files, demo_spec
+from models.demo import DEMO_TASKS, demo_spec
 from models.registry import Expert, Job, JobEvent, JobState, Metric, Mixture, session_scope
 from models.settings import Settings
 from models.spec import MixtureSpec
+from tests.conftest import add_demo_datasets
 from worker.dispatch import cancel, submit_training
 from worker.jobs import run_job
 
@@ -26,9 +27,7 @@ def ctx(data_dir: Path, bases_dir: Path) -> StudioContext:
     settings = Settings(studio_data_dir=data_dir, base_cache_dir=bases_dir)
     upgrade_head(settings.db_url)
     context = StudioContext(settings=settings)
-    for path in demo_files():
-        lines = path.read_bytes().splitlines(keepends=True)[:40]
-        create_dataset(ctx=context, filename=path.name, data=b"".join(lines), name=path.stem)
+    add_demo_datasets(context)
     return context
 
 
