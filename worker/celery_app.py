@@ -34,7 +34,10 @@ def _filesystem_transport_options(folder: Path) -> dict[str, Any]:
 def reliability_config(settings: Settings) -> dict[str, Any]:
     """Settings for long training jobs: at-least-once delivery, one job per process, JSON only."""
     vt = settings.visibility_timeout_s
-    transport_options: dict[str, Any] = {"visibility_timeout": vt, "unacked_restore_interval": max(1, min(10, vt // 2))}
+    transport_options: dict[str, Any] = {
+        "visibility_timeout": vt,
+        "unacked_restore_interval": max(1, min(10, vt // 2)),
+    }
     if settings.embedded_broker:
         transport_options = _filesystem_transport_options(settings.broker_folder)
     return {
