@@ -21,11 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from models.bases import PICKLE_SUFFIXES
 from models.experts import MixtureLinear, RoutingState, RoutingTrace
 from models.routers import ROUTER_KINDS, RoutingInputs, SemanticRouter
 from models.spec import MixtureSpec
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ALLOWED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MANIFEST = "manifest.json"
 ROUTERS_FILE = "routers.safetensors"
@@ -381,28 +381,18 @@ def _load_checked(path: Path, expected_sha: str) -> dict[str, Tensor]:
         raise MixtureError(f"expert file {path.name} is not a readable safetensors file: {error}") from error
 
 
-def load_experts(mixture: MixtureModel, folder: str | os.PathLike[str], *, only: Sequence[str] | None = None) -> None:
-    """Load saved tensors into ``mixture`` after checking files, checksums, keys, shapes and dtypes.
-
-    ``only``: restrict to these expert names (plus routers/shared/extras) — used by ``add_task`` to load the
-    old experts into a mixture that already holds a new one.
-    """
+def load_experts(mixture: MixtureModel, folder: str | os.PathLike[str]) -> None:
+    """Load saved tensors into ``mixture`` after checking files, checksums, keys, shapes and dtypes."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    wanted = _state_by_file(mixture)
-    names = set(only) if only is not None else set(mixture.expert_names)
-    for file_name, targets in wanted.items():
-        is_expert = file_name.startswith("expert-")
-        if is_expert and file_name.removeprefix("expert-").removesuffix(".safetensors") not in names:
-            continue
+    for file_name, targets in _state_by_file(mixture).items():
         if file_name not in manifest["files"]:
             raise MixtureError(f"the saved mixture has no {file_name}")
         tensors = _load_checked(folder / file_name, manifest["files"][file_name])
-        partial = only is not None and file_name == ROUTERS_FILE
-        _copy_checked(file_name, tensors, targets, partial=partial)
+        _copy_checked(file_name, tensors, targets)
 
 
-def _copy_checked(file_name: str, tensors: dict[str, Tensor], targets: dict[str, Tensor], *, partial: bool) -> None:
+def _copy_checked(file_name: str, tensors: dict[str, Tensor], targets: dict[str, Tensor]) -> None:
     unexpected = sorted(set(tensors) - set(targets))
     missing = sorted(set(targets) - set(tensors))
     if unexpected:
@@ -415,9 +405,6 @@ def _copy_checked(file_name: str, tensors: dict[str, Tensor], targets: dict[str,
             if tensor.dtype not in ALLOWED_DTYPES and tensor.dtype != target.dtype:
                 raise MixtureError(f"{file_name}: {key} has dtype {tensor.dtype}; expected a float type")
             if tensor.shape != target.shape:
-                if partial and tensor.dim() == target.dim():  # a router grown by add_task: copy the old rows
-                    target[tuple(slice(0, n) for n in tensor.shape)].copy_(tensor)
-                    continue
                 raise MixtureError(
                     f"{file_name}: {key} has shape {tuple(tensor.shape)}, the spec needs {tuple(target.shape)}"
                 )
