@@ -2,7 +2,7 @@
 
 - ``dates``   string transform: ISO date -> DD/MM/YYYY
 - ``emails``  extraction: the domain of the one e-mail address in a sentence
-- ``parity``  classification: is the number even or odd
+- ``questions`` classification: is the sentence a question or a statement
 - ``cipher``  string transform: shift every letter one place (a->b, z->a)
 
 The JSONL files in ``models/demo_data/`` are what ``mole-studio demo`` registers; ``write_demo_files`` makes them
@@ -21,7 +21,7 @@ from models.data import ExampleRow, load_rows
 from models.spec import MixtureSpec, default_spec
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
-DEMO_TASKS = ("dates", "emails", "parity", "cipher")
+DEMO_TASKS = ("dates", "emails", "questions", "cipher")
 ROWS_PER_TASK = 400
 SEED = 1234
 _NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy", "mallory", "oscar"]
@@ -49,13 +49,34 @@ def _email(rng: random.Random) -> ExampleRow:
     )
 
 
-def _parity(rng: random.Random) -> ExampleRow:
-    number = rng.randint(0, 9999)
+_SUBJECTS = [
+    "the cat", "my sister", "our team", "the old train", "your friend", "the bakery", "this laptop", "the river",
+    "a student", "the museum", "the printer", "her garden", "the new cafe", "his uncle", "the night bus",
+    "the library", "my neighbour", "the orchestra", "that shop", "the ferry",
+]  # fmt: skip
+_PREDICATES = [  # (base form, third person)
+    ("open at nine", "opens at nine"), ("sleep all day", "sleeps all day"), ("win the match", "wins the match"),
+    ("stay very quiet", "stays very quiet"), ("need a new battery", "needs a new battery"),
+    ("look beautiful", "looks beautiful"), ("arrive late", "arrives late"), ("sell fresh bread", "sells fresh bread"),
+    ("close on Sundays", "closes on Sundays"), ("play loud music", "plays loud music"),
+    ("run every morning", "runs every morning"), ("smell of coffee", "smells of coffee"),
+    ("work from home", "works from home"), ("fill up quickly", "fills up quickly"),
+    ("take the long road", "takes the long road"), ("ring twice", "rings twice"),
+]  # fmt: skip
+_QUESTION_HEADS = ["Does", "Why does", "When does", "Where does", "How often does"]
+
+
+def _question(rng: random.Random) -> ExampleRow:
+    subject, (base, third) = rng.choice(_SUBJECTS), rng.choice(_PREDICATES)
+    if rng.random() < 0.5:
+        sentence, label = f"{rng.choice(_QUESTION_HEADS)} {subject} {base}?", "question"
+    else:
+        sentence, label = f"{subject[0].upper()}{subject[1:]} {third}.", "statement"
     return ExampleRow(
-        task="parity",
-        instruction="Is the number even or odd?",
-        input=str(number),
-        output="even" if number % 2 == 0 else "odd",
+        task="questions",
+        instruction="Is this sentence a question or a statement?",
+        input=sentence,
+        output=label,
     )
 
 
@@ -76,7 +97,7 @@ def _cipher(rng: random.Random) -> ExampleRow:
 GENERATORS: dict[str, Callable[[random.Random], ExampleRow]] = {
     "dates": _date,
     "emails": _email,
-    "parity": _parity,
+    "questions": _question,
     "cipher": _cipher,
 }
 

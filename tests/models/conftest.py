@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from models.spec import MixtureSpec, default_spec
 
-TASKS = ["dates", "emails", "parity"]
+TASKS = ["dates", "emails", "questions"]
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:

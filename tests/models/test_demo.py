@@ -27,7 +27,8 @@ def test_answers_follow_each_tasks_rule() -> None:
         year, month, day = row.input.split("-")
         assert row.output == f"{day}/{month}/{year}"
     assert all(row.output == row.input.split("@")[1].split()[0] for row in rows["emails"])
-    assert all(row.output == ("even" if int(row.input) % 2 == 0 else "odd") for row in rows["parity"])
+    assert all(row.output == ("question" if row.input.endswith("?") else "statement") for row in rows["questions"])
+    assert {row.output for row in rows["questions"]} == {"question", "statement"}
     assert all(
         ord(o) - ord(i) in (1, -25) for row in rows["cipher"] for i, o in zip(row.input, row.output, strict=True)
     )

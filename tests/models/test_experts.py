@@ -85,7 +85,13 @@ def test_fast_path_equals_the_per_expert_loop(kind: str, granularity: str) -> No
         else [
             {"name": "e0", "tasks": ["dates"], "rank": 4, "alpha": 8.0, "group": "g0"},
             {"name": "e1", "tasks": ["emails"], "rank": 4 if kind == "semantic" else 3, "alpha": 5.0, "group": "g0"},
-            {"name": "e2", "tasks": ["parity"], "rank": 4 if kind == "semantic" else 6, "alpha": 12.0, "group": "g1"},
+            {
+                "name": "e2",
+                "tasks": ["questions"],
+                "rank": 4 if kind == "semantic" else 6,
+                "alpha": 12.0,
+                "group": "g1",
+            },
         ]
     )
     spec = make_spec(kind, experts=experts, router={"kind": kind, "options": options})
@@ -114,12 +120,12 @@ def test_forced_weights_and_disabled_experts_change_the_output() -> None:
     forced = layer(x)
     layer.state.forced = None
     layer.state.disabled = frozenset(TASKS[:0] + ["dates-expert", "emails-expert", "universal-0"])
-    only_parity = layer(x)
+    only_questions = layer(x)
     layer.state.disabled = frozenset()
-    assert not torch.allclose(routed, forced) and not torch.allclose(routed, only_parity)
+    assert not torch.allclose(routed, forced) and not torch.allclose(routed, only_questions)
     # with every specific expert but one disabled, the renormalised weight of that one is 1
-    a, b_up, s = layer.effective_lora(layer.expert_names.index("parity-expert"))
-    torch.testing.assert_close(only_parity, layer.base(x) + s * (x @ a.T) @ b_up.T, atol=1e-5, rtol=1e-5)
+    a, b_up, s = layer.effective_lora(layer.expert_names.index("questions-expert"))
+    torch.testing.assert_close(only_questions, layer.base(x) + s * (x @ a.T) @ b_up.T, atol=1e-5, rtol=1e-5)
 
 
 def test_add_expert_keeps_every_existing_tensor() -> None:

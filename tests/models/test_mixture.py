@@ -178,7 +178,7 @@ def test_wrong_shapes_and_undeclared_modules_are_named(tmp_path: Path) -> None:
         ("single", "universal-0", True),
         ("task", "emails-expert", True),
         ("task", "emails-expert", False),
-        ("semantic", "parity-expert", True),
+        ("semantic", "questions-expert", True),
         ("modula", "dates-expert", True),
     ],
 )

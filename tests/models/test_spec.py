@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from models.routers import ROUTER_KINDS
 from models.spec import MixtureSpec, default_spec, explain
 
-TASKS = ["dates", "emails", "parity"]
+TASKS = ["dates", "emails", "questions"]
 
 
 def _spec(**changes: Any) -> MixtureSpec:
@@ -39,7 +39,7 @@ BAD = [
     ({"experts": [{"name": "d", "tasks": ["../etc"]}]}, "task name '../etc' may hold only"),
     ({"tasks": ["a/b"]}, "task name 'a/b' may hold only"),
     (
-        {"experts": [{"name": "x", "tasks": ["dates"]}, {"name": "x", "tasks": ["emails", "parity"]}]},
+        {"experts": [{"name": "x", "tasks": ["dates"]}, {"name": "x", "tasks": ["emails", "questions"]}]},
         "expert names must be unique",
     ),
     ({"universal": {"count": 0}, "experts": []}, "the mixture has no experts"),
@@ -50,7 +50,7 @@ BAD = [
     ({"universal": {"count": 0}, "router": {"kind": "modula"}}, "router 'modula' needs at least one universal expert"),
     (
         {
-            "experts": [{"name": "a", "tasks": ["dates"], "rank": 4}, {"name": "b", "tasks": ["emails", "parity"]}],
+            "experts": [{"name": "a", "tasks": ["dates"], "rank": 4}, {"name": "b", "tasks": ["emails", "questions"]}],
             "router": {"kind": "semantic"},
         },
         "all task experts need one rank",
@@ -80,7 +80,7 @@ def test_groups_default_to_one_per_expert_and_shared_names_share_a_group() -> No
         experts=[
             {"name": "a", "tasks": ["dates"], "group": "text"},
             {"name": "b", "tasks": ["emails"], "group": "text"},
-            {"name": "c", "tasks": ["parity"]},
+            {"name": "c", "tasks": ["questions"]},
         ],
     )
     assert spec.group_ids() == [0, 0, 1] and spec.group_names() == ["text", "c"]
