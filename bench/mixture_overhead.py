@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import math
 import os
 import statistics
 import time
@@ -198,6 +199,11 @@ def adapter_times(times: dict[str, list[float]], base: str = "base") -> dict[str
     }
 
 
+def ratio(numerator: float, denominator: float) -> float:
+    """``numerator / denominator`` of two adapter-path times; NaN when either is not above timing noise (≤ 0)."""
+    return numerator / denominator if numerator > 0 and denominator > 0 else float("nan")
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:9.2f}"
 
@@ -216,7 +222,7 @@ def table(title: str, times: dict[str, list[float]], ref: str) -> tuple[dict[str
         a = adapter.get(name)
         a_col = f"{a * 1e3:12.2f}" if a is not None else f"{'—':>12}"
         w_ratio = f"{whole[name] / whole[ref]:15.3f}"
-        a_ratio = f"{a / adapter[ref]:17.3f}" if a is not None else f"{'—':>17}"
+        a_ratio = f"{ratio(a, adapter[ref]):17.3f}" if a is not None else f"{'—':>17}"
         print(f"  {name:<10}{_ms(whole[name])} {_ms(q[0])[1:]} {_ms(q[2])[1:]}{a_col}{w_ratio}{a_ratio}")
     return whole, adapter
 
@@ -434,8 +440,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     # matmul FLOPs, adapter path: LoRA 5 (6 with dx) of 2·N·d·R; router 2 (3 with dx) of 2·N·d·E
     floor = 1 + (3 if args.input_grad else 2) * sizes.experts / ((6 if args.input_grad else 5) * rank)
     result = {
-        "overhead_vs_single_lora": adapter["mixture"] / adapter["peft"],
-        "speedup_vs_loop": loop_adapter["loop"] / loop_adapter["mixture"],
+        "overhead_vs_single_lora": ratio(adapter["mixture"], adapter["peft"]),
+        "speedup_vs_loop": ratio(loop_adapter["loop"], loop_adapter["mixture"]),
         "whole_layer_vs_peft": whole["mixture"] / whole["peft"],
     }
     print(
@@ -461,17 +467,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         )
         llama_whole, llama_adapter = table(title, llama.vs_peft, "peft")
         result["llama_whole_vs_peft"] = llama_whole["mixture"] / llama_whole["peft"]
-        result["llama_adapter_vs_peft"] = llama_adapter["mixture"] / llama_adapter["peft"]
+        result["llama_adapter_vs_peft"] = ratio(llama_adapter["mixture"], llama_adapter["peft"])
         if llama.vs_loop is not None:
             n = len(llama.vs_loop["base"])
             _, llama_loop = table(f"  same, against the loop, {n} rounds", llama.vs_loop, "mixture")
-            result["llama_speedup_vs_loop"] = llama_loop["loop"] / llama_loop["mixture"]
+            result["llama_speedup_vs_loop"] = ratio(llama_loop["loop"], llama_loop["mixture"])
         print(
             f"  whole model  mixture/peft {result['llama_whole_vs_peft']:.3f}; "
             f"adapter path mixture/peft {result['llama_adapter_vs_peft']:.3f}"
             + (f"; loop/mixture {result['llama_speedup_vs_loop']:.2f}" if "llama_speedup_vs_loop" in result else "")
         )
 
+    if any(math.isnan(value) for value in result.values()):
+        print("note: nan = an adapter path not above timing noise (too few rounds or sizes too small)")
     print(
         f"overhead_vs_single_lora={result['overhead_vs_single_lora']:.2f} "
         f"speedup_vs_loop={result['speedup_vs_loop']:.2f}"

@@ -1,7 +1,12 @@
-"""Smoke test of ``python -m bench.mixture_overhead``: it runs and its last line parses. Timings are never asserted."""
+"""Smoke test of ``python -m bench.mixture_overhead``: it runs and its last line parses. Timings are never asserted.
+
+At ``--quick`` sizes an adapter path can be below timing noise; the benchmark then reports ``nan``, never a
+negative ratio.
+"""
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -9,7 +14,8 @@ import torch
 
 from bench import mixture_overhead
 
-LAST_LINE = re.compile(r"overhead_vs_single_lora=(\d+\.\d+) speedup_vs_loop=(\d+\.\d+)")
+RATIO = r"(\d+\.\d+|nan)"
+LAST_LINE = re.compile(rf"overhead_vs_single_lora={RATIO} speedup_vs_loop={RATIO}")
 
 
 def test_quick_run_prints_the_two_ratios_last(capsys: pytest.CaptureFixture[str]) -> None:
@@ -23,6 +29,6 @@ def test_quick_run_prints_the_two_ratios_last(capsys: pytest.CaptureFixture[str]
     last = out.strip().splitlines()[-1]
     match = LAST_LINE.fullmatch(last)
     assert match is not None, last
-    overhead, speedup = (float(group) for group in match.groups())
-    assert overhead > 0 and speedup > 0
-    assert result["overhead_vs_single_lora"] > 0 and result["speedup_vs_loop"] > 0
+    for name, value in result.items():
+        assert math.isnan(value) or value > 0, (name, value)
+    assert result["whole_layer_vs_peft"] > 0 and result["llama_whole_vs_peft"] > 0  # whole times are never noise
