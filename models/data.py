@@ -154,6 +154,15 @@ class ValidationReport:
     def ok(self) -> bool:
         return self.issue_count == 0
 
+    def dataset_fields(self) -> dict[str, Any]:
+        """What a registry ``Dataset`` row records of a valid upload: format, tasks, rows per task, rows."""
+        return {
+            "format": self.format,
+            "tasks": sorted(self.task_counts),
+            "task_counts": dict(self.task_counts),
+            "n_rows": self.n_rows,
+        }
+
     def summary(self) -> str:
         """One line for a person: what was found, or how many problems and the first of them."""
         name = self.filename or "the file"

@@ -100,10 +100,25 @@ class LoRAExperts(nn.Module):
     def __len__(self) -> int:
         return len(self.down)
 
-    def forward(self, x: Tensor, coef: Tensor) -> Tensor:
-        """``x`` (B, T, d_in), ``coef`` (B, T|1, E) without the α/r scaling -> Δh (B, T, d_out)."""
+    def stacked(self) -> tuple[Tensor, Tensor]:
+        """``A_cat`` (R, d_in) and ``B_cat`` (d_out, R). Without autograd (generation, evaluation) they are kept
+        and rebuilt only when a parameter changes (storage or in-place version), so decoding concatenates nothing."""
+        if torch.is_grad_enabled():
+            return self._concat()
+        params = (*self.down._parameters.values(), *self.up._parameters.values())  # no ParameterList indexing cost
+        key = tuple((p.data_ptr(), p._version) for p in params if p is not None)
+        if self.__dict__.get("_stacked_key") != key:
+            self.__dict__["_stacked"], self.__dict__["_stacked_key"] = self._concat(), key
+        return self.__dict__["_stacked"]
+
+    def _concat(self) -> tuple[Tensor, Tensor]:
         a_cat = torch.cat(list(self.down)) if len(self.down) > 1 else self.down[0]  # (R, d_in)
         b_cat = torch.cat(list(self.up), dim=1) if len(self.up) > 1 else self.up[0]  # (d_out, R)
+        return a_cat, b_cat
+
+    def forward(self, x: Tensor, coef: Tensor) -> Tensor:
+        """``x`` (B, T, d_in), ``coef`` (B, T|1, E) without the α/r scaling -> Δh (B, T, d_out)."""
+        a_cat, b_cat = self.stacked()  # (R, d_in), (d_out, R)
         z = x @ a_cat.T  # (B, T, R)
         per_rank = coef @ self.expand.to(coef.dtype)  # (B, T|1, R): g_e·s_e on e's rank rows, a matmul not a gather
         return (z * per_rank) @ b_cat.T  # (B, T, d_out)

@@ -381,11 +381,20 @@ def _load_checked(path: Path, expected_sha: str) -> dict[str, Tensor]:
         raise MixtureError(f"expert file {path.name} is not a readable safetensors file: {error}") from error
 
 
-def load_experts(mixture: MixtureModel, folder: str | os.PathLike[str]) -> None:
-    """Load saved tensors into ``mixture`` after checking files, checksums, keys, shapes and dtypes."""
+def load_experts(
+    mixture: MixtureModel, folder: str | os.PathLike[str], *, experts: Sequence[str] | None = None
+) -> None:
+    """Load saved tensors into ``mixture`` after checking files, checksums, keys, shapes and dtypes.
+
+    ``experts`` loads only those experts (and SAMoRA's shared factors): enough to export one of them from a run
+    whose other expert files were deleted; routers and extras stay as attached.
+    """
     folder = Path(folder)
     manifest = read_manifest(folder)
+    wanted = None if experts is None else {expert_file(name) for name in experts} | {SHARED_FILE}
     for file_name, targets in _state_by_file(mixture).items():
+        if wanted is not None and file_name not in wanted:
+            continue
         if file_name not in manifest["files"]:
             raise MixtureError(f"the saved mixture has no {file_name}")
         tensors = _load_checked(folder / file_name, manifest["files"][file_name])

@@ -9,12 +9,13 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from models.registry import Job, JobState, Mixture, session_scope
+from models.registry import Job, JobState, Mixture, session_scope, utcnow
 from models.settings import Settings
 from models.spec import MixtureSpec
 from worker.lease import log_event, reap
 
 log = logging.getLogger(__name__)
+RETRY_ATTEMPTS = 3  # attempts a retried job gets, as many as a new one
 
 
 def submit_training(settings: Settings, mixture_id: uuid.UUID, *, send: bool = True) -> uuid.UUID:
@@ -64,6 +65,37 @@ def cancel(settings: Settings, job_id: uuid.UUID) -> JobState:
 
         create_celery(settings).control.revoke(task_id)
     return state
+
+
+def requeue(settings: Settings, job_id: uuid.UUID, *, send: bool = True) -> bool:
+    """Put a failed or cancelled job back in the queue (a person's retry); it resumes from its last checkpoint.
+
+    One conditional UPDATE, so two retries cannot both win and a job that is not failed or cancelled is left as is
+    (returns False). The attempts it may still use start again from where it stands.
+    """
+    with session_scope(settings.db_url) as s:
+        result = s.execute(
+            sa.update(Job)
+            .where(Job.id == job_id, Job.state.in_([JobState.FAILED, JobState.CANCELLED]))
+            .values(
+                state=JobState.QUEUED,
+                cancel_requested=False,
+                error=None,
+                worker=None,
+                lease_until=None,
+                finished_at=None,
+                celery_task_id=None,
+                queued_at=utcnow(),
+                max_attempts=Job.attempt + RETRY_ATTEMPTS,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:
+            return False
+        log_event(s, job_id, "retried", "queued again; resumes from its last checkpoint")
+    if send:
+        dispatch(settings, job_id)
+    return True
 
 
 def reap_and_resend(settings: Settings) -> None:

@@ -29,7 +29,7 @@ from models.mixture import read_manifest
 from models.registry import Dataset, Expert, ExpertKind, Job, JobState, Metric, Mixture, session_scope
 from models.settings import Settings
 from models.spec import MixtureSpec
-from models.storage import ArtifactStore
+from models.storage import ArtifactNotFoundError, ArtifactStore
 from worker.lease import LeaseLost, claim, finish, heartbeat, log_event
 from worker.trainer import Progress, Trainer, TrainerHooks, TrainingCancelled
 
@@ -53,7 +53,14 @@ def dataset_rows(store: ArtifactStore, dataset: Dataset) -> list[ExampleRow]:
     """Rows of a registered dataset, read back from its file and validated again (the file is the truth)."""
     default_task = dataset.tasks[0] if len(dataset.tasks) == 1 else None
     filename = f"{dataset.name}.{dataset.format}"
-    return load_rows(store.get_bytes(dataset.artifact_key), filename, default_task=default_task)
+    try:
+        data = store.get_bytes(dataset.artifact_key)
+    except ArtifactNotFoundError:
+        raise ValueError(
+            f"the file of dataset '{dataset.name}' is missing from the artifact store (deleted?); "
+            "upload the dataset again"
+        ) from None
+    return load_rows(data, filename, default_task=default_task)
 
 
 def download_folder(store: ArtifactStore, prefix: str, into: Path) -> Path:

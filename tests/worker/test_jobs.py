@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from app.services import ServiceError, StudioContext, save_mixture
+from app.context import ServiceError, StudioContext
+from app.services.mixtures import save_mixture
 from migrations import upgrade_head
 from models.bases import BUILTIN_TINY
 from models.demo import DEMO_TASKS, demo_spec
