@@ -59,8 +59,8 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     """Migrate, start the embedded worker when no broker is configured, serve the page until Ctrl-C."""
+    from app.context import StudioContext
     from app.main import build_demo, launch_kwargs
-    from app.services import StudioContext
 
     ctx = StudioContext()
     upgrade_head(ctx.settings.db_url)
@@ -94,7 +94,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     """Register the bundled demo datasets and a demo mixture, ready to train."""
-    from app.services import StudioContext, register_demo
+    from app.context import StudioContext
+    from app.services.mixtures import register_demo
 
     ctx = StudioContext()
     upgrade_head(ctx.settings.db_url)
@@ -116,7 +117,10 @@ def _train(args: argparse.Namespace) -> int:
     import uuid
     from pathlib import Path
 
-    from app.services import ServiceError, StudioContext, create_dataset, save_mixture
+    from app.context import ServiceError, StudioContext
+    from app.services.datasets import create_dataset
+    from app.services.mixtures import save_mixture
+    from models.data import task_name_from_filename
     from worker.dispatch import submit_training
     from worker.jobs import run_job
 
@@ -127,7 +131,8 @@ def _train(args: argparse.Namespace) -> int:
         spec_json = json.loads(Path(args.spec).read_text())
         names = []
         for path in map(Path, args.data):
-            dataset = create_dataset(ctx=ctx, filename=path.name, data=path.read_bytes(), name=f"{path.stem}-{suffix}")
+            name = f"{task_name_from_filename(path.name)[:56]}-{suffix}"
+            dataset = create_dataset(ctx=ctx, filename=path.name, data=path.read_bytes(), name=name)
             names.append(dataset.name)
         mixture = save_mixture(
             ctx=ctx, name=args.name or f"{Path(args.spec).stem}-{suffix}", spec_json=spec_json, dataset_names=names

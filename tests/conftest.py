@@ -136,7 +136,7 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[byte
 
 def add_demo_datasets(ctx: object, lines: int = 40) -> None:
     """Register the first ``lines`` rows of each bundled demo task as a dataset named after the task."""
-    from app.services import create_dataset
+    from app.services.datasets import create_dataset
     from models.demo import demo_files
 
     for path in demo_files():

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import gradio as gr
 import pytest
 
+from app.context import StudioContext
 from app.main import build_demo, launch_kwargs
-from app.services import StudioContext
 from migrations import upgrade_head
 from models.settings import Settings
 from tests import services

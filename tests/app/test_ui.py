@@ -14,7 +14,7 @@ pytestmark = pytest.mark.ui
 def test_page_shows_the_five_tabs(studio: tuple[object, str], browser: object, artifacts_dir: Path) -> None:
     _, url = studio
     page = browser.new_page(viewport={"width": 1280, "height": 900})  # type: ignore[attr-defined]
-    page.goto(url, wait_until="networkidle")
+    page.goto(url, wait_until="load")
     tabs = page.get_by_role("tab")
     tabs.first.wait_for(timeout=30_000)
     names = [name.strip() for name in tabs.all_inner_texts()]

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from app.services import StudioContext, save_mixture
+from app.context import StudioContext
+from app.services.mixtures import save_mixture
 from migrations import upgrade_head
 from models.bases import BUILTIN_TINY
 from models.demo import DEMO_TASKS, demo_spec
