@@ -4,6 +4,11 @@ Trains the bundled demo (four tasks, universal + one expert per task, a learned 
 evaluates exact match per task on held-out rows, and measures specialisation: for each task, the mean routing
 weight (over layers and tokens of its held-out prompts) must be largest on that task's own expert.
 Last line: ``tasks_at_0.9=<n> of <m> minutes=<x.x> specialised=<n> of <m>``.
+
+With ``--add-task TASK``: trains the demo without TASK, then plugs TASK in with the ``add_task`` schedule and
+checks that every old expert is bit-identical and the old tasks' held-out scores (on the parent's held-out rows,
+which the child never sees) move by at most 0.02. Last line:
+``add_task_old_experts_identical=<bool> max_old_task_delta=<x.xx>``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from models.bases import BUILTIN_SMOLLM2, BUILTIN_TINY
 from models.data import prompt_ids
 from models.demo import DEMO_TASKS, demo_rows, demo_spec
 from models.settings import get_settings
+from models.spec import MixtureSpec
 from worker.evaluate import evaluate_tasks
 from worker.trainer import Progress, Trainer, TrainerHooks
 
@@ -55,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=400, help="rows per task")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--granularity", choices=["token", "sequence"], default="sequence")
+    parser.add_argument("--add-task", default=None, choices=DEMO_TASKS, help="measure add_task with this task")
     parser.add_argument(
         "--targets",
         nargs="+",
@@ -78,11 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     spec["target_modules"] = args.targets
     spec["schedule"]["router_learning_rate"] = 1e-2
     spec["router"]["options"] = spec["router"]["options"] | {"granularity": args.granularity}
-    from models.spec import MixtureSpec
-
     spec_obj = MixtureSpec.model_validate(spec)
     rows = demo_rows(per_task=args.rows)
     settings = get_settings()
+    if args.add_task:
+        add_task(spec_obj, rows, args.add_task, settings.bases_data_dir)
+        return
     last = [0.0]
 
     def report(p: Progress) -> None:
@@ -129,6 +137,50 @@ def main(argv: list[str] | None = None) -> None:
         f"tasks_at_0.9={good} of {len(DEMO_TASKS)} minutes={minutes:.1f} specialised={specialised} of "
         f"{len(DEMO_TASKS)}"
     )
+
+
+def _expert_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {f"{f.name}:{k}": v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def add_task(spec: MixtureSpec, rows: list, task: str, data_dir: Path) -> None:
+    """Train the demo without ``task``, add it with the add_task schedule, compare the old experts and scores."""
+    old_tasks = [t for t in spec.tasks if t != task]
+    parent_spec = MixtureSpec.model_validate(
+        spec.model_dump()
+        | {"tasks": old_tasks, "experts": [e.model_dump() for e in spec.experts if e.tasks != [task]]}
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        parent = Trainer(parent_spec, [r for r in rows if r.task != task], data_dir=data_dir, work_dir=Path(tmp) / "p")
+        parent_result = parent.run()
+        holdout = parent.data.holdout  # old-task rows neither run trains on
+        held = {(r.task, r.input, r.output) for r in holdout}
+        before = evaluate_tasks(parent.mixture, parent.tokenizer, holdout, max_per_task=40)
+        steps = (spec.schedule.stage_steps[1] // len(spec.tasks), spec.schedule.stage_steps[2])
+        grown = parent_spec.with_task_expert(task, name=f"{task}-expert", steps=steps)
+        child_rows = [r for r in rows if (r.task, r.input, r.output) not in held]
+        child = Trainer(
+            grown, child_rows, data_dir=data_dir, work_dir=Path(tmp) / "c", parent_experts=parent_result.experts_folder
+        )
+        started = time.monotonic()
+        child_result = child.run()
+        after = evaluate_tasks(child.mixture, child.tokenizer, holdout, max_per_task=40)
+        new = evaluate_tasks(child.mixture, child.tokenizer, child.data.holdout, max_per_task=40)
+        old_tensors, new_tensors = (
+            _expert_tensors(parent_result.experts_folder),
+            _expert_tensors(child_result.experts_folder),
+        )
+    old_experts = {k: v for k, v in old_tensors.items() if k.startswith("expert-")}  # the router retrains
+    identical = bool(old_experts) and all(
+        k in new_tensors and torch.equal(v, new_tensors[k]) for k, v in old_experts.items()
+    )
+    deltas = {t: abs(after[t]["exact_match"] - before[t]["exact_match"]) for t in old_tasks}
+    for t in old_tasks:
+        print(f"{t:9s} exact_match before={before[t]['exact_match']:.2f} after={after[t]['exact_match']:.2f}")
+    print(f"{task:9s} (new) exact_match={new[task]['exact_match']:.2f} in {(time.monotonic() - started) / 60:.1f} min")
+    print(f"add_task_old_experts_identical={identical} max_old_task_delta={max(deltas.values()):.2f}")
 
 
 if __name__ == "__main__":
