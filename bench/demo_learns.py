@@ -2,7 +2,9 @@
 
 Trains the bundled demo (four tasks, universal + one expert per task, a learned router) on the chosen base,
 evaluates exact match per task on held-out rows, and measures specialisation: for each task, the mean routing
-weight (over layers and tokens of its held-out prompts) must be largest on that task's own expert.
+weight (over layers and tokens of its held-out prompts, the router seeing the prompt alone, no task id) must be
+largest on that task's own expert. Defaults: MoDULA-Res (universal → domain experts → router, sequence-level
+gates), C-LoRAE's achievement weighting (held-out scores every ``eval_every`` steps), attention + MLP targets.
 Last line: ``tasks_at_0.9=<n> of <m> minutes=<x.x> specialised=<n> of <m>``.
 
 With ``--add-task TASK``: trains the demo without TASK, then plugs TASK in with the ``add_task`` schedule and
@@ -29,38 +31,49 @@ from worker.evaluate import evaluate_tasks
 from worker.trainer import Progress, Trainer, TrainerHooks
 
 BASES = {"tiny": BUILTIN_TINY, "smollm2": BUILTIN_SMOLLM2}
-DEFAULTS = {  # stage steps (universal, domain, router), batch size, learning rate, max length
-    "tiny": ([300, 900, 300], 16, 5e-3, 128),
-    "smollm2": ([60, 100, 40], 8, 1e-3, 160),
+DEFAULTS = {  # stage steps (universal, domain, router), batch size, learning rate, max length, eval every
+    "tiny": ([250, 850, 250], 16, 5e-3, 128, 100),
+    "smollm2": ([30, 60, 50], 8, 1e-3, 160, 40),
 }
+SCHEDULES = {"grouped": "at_moe"}  # each router's own schedule (ALGORITHMS.md §4); the others train as MoDULA
 
 
 @torch.no_grad()
-def routing_by_task(trainer: Trainer, rows: list, per_task: int = 16) -> dict[str, torch.Tensor]:
-    """Mean router weight over layers and prompt tokens, per task -> (experts,)."""
+def routing_by_task(trainer: Trainer, rows: list, per_task: int = 16) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """The routed experts' names, and per task the mean router weight over layers and prompt tokens (experts,)."""
     mixture, tokenizer = trainer.mixture, trainer.tokenizer
     mixture.eval()
-    found = {}
+    found, names = {}, []
     for task in mixture.spec.tasks:
         task_rows = [r for r in rows if r.task == task][:per_task]
         means = []
         for row in task_rows:
             ids = torch.tensor([prompt_ids(row, tokenizer)], device=trainer.device)
             with mixture.tracing() as trace:
-                mixture(ids, task_ids=torch.tensor([mixture.spec.tasks.index(task)], device=trainer.device))
+                mixture(ids)  # no task id: what the router makes of the prompt alone
             means.append(trace.stacked().mean(dim=(0, 1)))  # (experts,)
+            names = next(iter(trace.expert_names.values()))
         found[task] = torch.stack(means).mean(0)
-    return found
+    return list(names), found
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", choices=sorted(BASES), default="tiny")
     parser.add_argument("--router", default="modula", help="a learned router: modula, grouped, semantic, softmax")
-    parser.add_argument("--steps", type=int, nargs=3, default=None, help="steps of the three MoDULA stages")
+    parser.add_argument("--steps", type=int, nargs="+", default=None, help="steps of each stage of the schedule")
     parser.add_argument("--rows", type=int, default=400, help="rows per task")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--granularity", choices=["token", "sequence"], default="sequence")
+    parser.add_argument(
+        "--weighting",
+        choices=["uniform", "proportional", "temperature", "achievement"],
+        default="achievement",
+        help="multi-task loss weighting (default: C-LoRAE's achievement weights)",
+    )
+    parser.add_argument("--eval-every", type=int, default=None, help="held-out evaluation (achievement) cadence")
+    parser.add_argument("--router-lr", type=float, default=1e-2, help="learning rate of router-only stages")
+    parser.add_argument("--variant", choices=["res", "flan"], default="res", help="MoDULA variant (router modula)")
     parser.add_argument("--add-task", default=None, choices=DEMO_TASKS, help="measure add_task with this task")
     parser.add_argument(
         "--targets",
@@ -70,21 +83,24 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    steps, batch, lr, max_length = DEFAULTS[args.base]
+    steps, batch, lr, max_length, eval_every = DEFAULTS[args.base]
     steps = args.steps or steps
     spec = demo_spec(BASES[args.base], router=args.router).model_dump(mode="json")
     spec["schedule"] |= {
-        "kind": "modula",
+        "kind": SCHEDULES.get(args.router, "modula"),
         "stage_steps": steps,
         "batch_size": batch,
         "learning_rate": lr,
         "max_length": max_length,
-        "eval_every": 10_000,
+        "eval_every": args.eval_every or eval_every,
         "checkpoint_every": 10_000,
     }
+    spec["loss"] = {"weighting": args.weighting}
     spec["target_modules"] = args.targets
-    spec["schedule"]["router_learning_rate"] = 1e-2
+    spec["schedule"]["router_learning_rate"] = args.router_lr
     spec["router"]["options"] = spec["router"]["options"] | {"granularity": args.granularity}
+    if args.router == "modula":
+        spec["router"]["options"]["variant"] = args.variant
     spec_obj = MixtureSpec.model_validate(spec)
     rows = demo_rows(per_task=args.rows)
     settings = get_settings()
@@ -118,12 +134,11 @@ def main(argv: list[str] | None = None) -> None:
             max_per_task=40,
             max_new_tokens=trainer.answer_tokens,
         )
-        routing = routing_by_task(trainer, trainer.data.holdout)
+        names, routing = routing_by_task(trainer, trainer.data.holdout)
     print(f"stage seconds: {', '.join(f'{k}={v:.0f}' for k, v in result.stage_seconds.items())}")
     print(f"trainable parameters per stage: {result.trainable}")
     good = 0
     specialised = 0
-    names = [e.name for e in spec_obj.experts]
     for task in DEMO_TASKS:
         em = metrics[task]["exact_match"]
         weights = routing[task]

@@ -3,7 +3,7 @@
 - ``dates``   string transform: ISO date -> DD/MM/YYYY
 - ``emails``  extraction: the domain of the one e-mail address in a sentence
 - ``questions`` classification: is the sentence a question or a statement
-- ``cipher``  string transform: shift every letter one place (a->b, z->a)
+- ``times``   conversion: a 12-hour clock time -> 24-hour ("7:05 pm" -> "19:05", "12:30 am" -> "00:30")
 
 The JSONL files in ``models/demo_data/`` are what ``mole-studio demo`` registers; ``write_demo_files`` makes them
 again from a fixed seed (a test checks they match), so they are reproducible and reviewable.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import random
-import string
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,12 +20,12 @@ from models.data import ExampleRow, load_rows
 from models.spec import MixtureSpec, default_spec
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
-DEMO_TASKS = ("dates", "emails", "questions", "cipher")
+DEMO_TASKS = ("dates", "emails", "questions", "times")
 ROWS_PER_TASK = 400
 SEED = 1234
 _NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy", "mallory", "oscar"]
 _DOMAINS = ["example.org", "mail.com", "studio.ai", "uni.edu", "shop.net", "lab.io", "news.co", "home.dev"]
-_VERBS = ["Write to", "Contact", "Please email", "Send the report to", "Reach out to", "Questions go to"]
+_VERBS = ["Write to", "Contact", "Please email", "Send it to", "Reach out to", "Ask"]
 
 
 def _date(rng: random.Random) -> ExampleRow:
@@ -44,7 +43,7 @@ def _email(rng: random.Random) -> ExampleRow:
     return ExampleRow(
         task="emails",
         instruction="Give the domain of the e-mail address.",
-        input=f"{rng.choice(_VERBS)} {address} today.",
+        input=f"{rng.choice(_VERBS)} {address}.",
         output=address.split("@")[1],
     )
 
@@ -74,23 +73,19 @@ def _question(rng: random.Random) -> ExampleRow:
         sentence, label = f"{subject[0].upper()}{subject[1:]} {third}.", "statement"
     return ExampleRow(
         task="questions",
-        instruction="Is this sentence a question or a statement?",
+        instruction="Is it a question or a statement?",
         input=sentence,
         output=label,
     )
 
 
-def _shift(word: str) -> str:
-    return "".join(string.ascii_lowercase[(string.ascii_lowercase.index(c) + 1) % 26] for c in word)
-
-
-def _cipher(rng: random.Random) -> ExampleRow:
-    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
+def _time(rng: random.Random) -> ExampleRow:
+    hour, minute, pm = rng.randint(1, 12), rng.randint(0, 59), rng.random() < 0.5
     return ExampleRow(
-        task="cipher",
-        instruction="Shift every letter one place forward in the alphabet.",
-        input=word,
-        output=_shift(word),
+        task="times",
+        instruction="Write the time in 24-hour format.",
+        input=f"{hour}:{minute:02d} {'pm' if pm else 'am'}",
+        output=f"{hour % 12 + 12 * pm:02d}:{minute:02d}",
     )
 
 
@@ -98,7 +93,7 @@ GENERATORS: dict[str, Callable[[random.Random], ExampleRow]] = {
     "dates": _date,
     "emails": _email,
     "questions": _question,
-    "cipher": _cipher,
+    "times": _time,
 }
 
 

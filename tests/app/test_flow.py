@@ -67,7 +67,7 @@ def test_upload_compose_train_and_prompt_through_the_api(
     client = Client(url, verbose=False)
 
     files = [handle_file(str(p)) for p in small_demo_files(tmp_path / "upload")]
-    message, *_ = client.predict(files, "", api_name="/upload_datasets")
+    message = client.predict(files, "", api_name="/upload_datasets")
     assert all(task in message for task in DEMO_TASKS), message
 
     status, *_ = client.predict("flow", quick_spec(), list(DEMO_TASKS), "", api_name="/save_mixture")

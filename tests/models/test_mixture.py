@@ -267,11 +267,11 @@ def test_add_task_keeps_every_old_expert_bit_identical(tmp_path: Path) -> None:
     mixture = attach_mixture(tiny_llama(), spec)
     randomise_experts(mixture)
     save_experts(mixture, tmp_path / "parent")
-    grown_spec = spec.with_task_expert("cipher")
+    grown_spec = spec.with_task_expert("times")
     grown = attach_mixture(tiny_llama(), spec)
     load_experts(grown, tmp_path / "parent")
-    assert grown.add_task_expert(grown_spec) == "cipher"
-    assert TASKS + ["cipher"] == grown.spec.tasks
+    assert grown.add_task_expert(grown_spec) == "times"
+    assert TASKS + ["times"] == grown.spec.tasks
     old = mixture.parameter_groups()
     new = grown.parameter_groups()
     for name in mixture.expert_names:

@@ -88,8 +88,8 @@ def test_groups_default_to_one_per_expert_and_shared_names_share_a_group() -> No
 
 def test_with_task_expert_adds_one_expert_on_the_add_task_schedule() -> None:
     spec = _spec()
-    grown = spec.with_task_expert("cipher")
-    assert grown.tasks == [*TASKS, "cipher"] and grown.experts[:-1] == spec.experts
+    grown = spec.with_task_expert("times")
+    assert grown.tasks == [*TASKS, "times"] and grown.experts[:-1] == spec.experts
     assert grown.schedule.kind == "add_task" and len(grown.schedule.stage_steps) == 2
     with pytest.raises(ValueError, match="already in the mixture"):
         spec.with_task_expert("dates")

@@ -138,11 +138,11 @@ def test_add_task_on_a_parent_with_a_pickle_adapter_fails_naming_it(ctx: StudioC
         parent = s.get(Mixture, parent_id)
         parent_spec, parent_name = MixtureSpec.model_validate(parent.spec_json), parent.name
     ctx.store.put_bytes(key.rsplit("/", 1)[0] + "/adapter_model.bin", b"\x80\x04not really a pickle")
-    three = [t for t in DEMO_TASKS if t != "cipher"]
+    three = [t for t in DEMO_TASKS if t != "times"]
     child_spec = parent_spec.model_copy(
-        update={"tasks": three, "experts": [e for e in parent_spec.experts if e.tasks != ["cipher"]]}
+        update={"tasks": three, "experts": [e for e in parent_spec.experts if e.tasks != ["times"]]}
     )
-    grown = MixtureSpec.model_validate(child_spec.model_dump()).with_task_expert("cipher", name="cipher-new")
+    grown = MixtureSpec.model_validate(child_spec.model_dump()).with_task_expert("times", name="times-new")
     child = save_mixture(
         ctx=ctx,
         name="child",

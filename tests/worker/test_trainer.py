@@ -124,23 +124,23 @@ def test_staged_schedules_train_only_each_stages_groups(
 def test_add_task_leaves_every_old_expert_bit_identical(
     rows: list[ExampleRow], bases_dir: Path, tmp_path: Path
 ) -> None:
-    three = [r for r in rows if r.task != "cipher"]
+    three = [r for r in rows if r.task != "times"]
     parent_spec = _spec(
         tasks=list(DEMO_TASKS[:3]), experts=[{"name": f"{t}-expert", "tasks": [t]} for t in DEMO_TASKS[:3]]
     )
     parent = _trainer(parent_spec, three, bases_dir, tmp_path / "parent").run()
-    grown = parent_spec.with_task_expert("cipher", name="cipher-expert", steps=(3, 2))
+    grown = parent_spec.with_task_expert("times", name="times-expert", steps=(3, 2))
     child = _trainer(grown, rows, bases_dir, tmp_path / "child", parent_experts=parent.experts_folder).run()
     old, new = _tensors(parent.experts_folder), _tensors(child.experts_folder)
     for key, value in old.items():
         if key.startswith("expert-"):
             assert torch.equal(value, new[key]), key
-    assert any(k.startswith(expert_file("cipher-expert")) for k in new)
+    assert any(k.startswith(expert_file("times-expert")) for k in new)
 
 
 def test_data_with_a_task_the_mixture_lacks_is_refused(
     rows: list[ExampleRow], bases_dir: Path, tmp_path: Path
 ) -> None:
     spec = _spec(tasks=list(DEMO_TASKS[:3]), experts=[{"name": f"{t}-expert", "tasks": [t]} for t in DEMO_TASKS[:3]])
-    with pytest.raises(ValueError, match="cipher"):
+    with pytest.raises(ValueError, match="times"):
         _trainer(spec, rows, bases_dir, tmp_path)

@@ -26,17 +26,15 @@ def groups(root: ET.Element, cls: str) -> list[ET.Element]:
 
 
 def test_the_drawing_shows_base_layers_experts_router_and_the_count() -> None:
-    spec = default_spec(
-        BUILTIN_TINY, ["dates", "emails", "cipher"], router="topk", target_modules=["q_proj", "v_proj"]
-    )
+    spec = default_spec(BUILTIN_TINY, ["dates", "emails", "times"], router="topk", target_modules=["q_proj", "v_proj"])
     root = draw(spec)
     assert root.tag == f"{SVG}svg"
     experts = {g.get("data-name"): (g.get("data-kind"), g.get("data-tasks")) for g in groups(root, "expert")}
     assert experts == {
-        "universal-0": ("universal", "dates,emails,cipher"),
+        "universal-0": ("universal", "dates,emails,times"),
         "dates-expert": ("task", "dates"),
         "emails-expert": ("task", "emails"),
-        "cipher-expert": ("task", "cipher"),
+        "times-expert": ("task", "times"),
     }
     (router,) = groups(root, "router")
     assert router.get("data-kind") == "topk"
@@ -48,14 +46,14 @@ def test_the_drawing_shows_base_layers_experts_router_and_the_count() -> None:
 
 
 def test_the_grouped_router_draws_its_groups_around_their_experts() -> None:
-    data = default_spec(BUILTIN_TINY, ["dates", "emails", "cipher"], router="grouped").model_dump()
+    data = default_spec(BUILTIN_TINY, ["dates", "emails", "times"], router="grouped").model_dump()
     data["experts"][0]["group"] = data["experts"][2]["group"] = "text"
     root = draw(MixtureSpec.model_validate(data))
     frames = groups(root, "group")
     assert [g.get("data-name") for g in frames] == ["text", "emails-expert"]
     assert "group text" in texts(frames[0])
     expert_names = [g.get("data-name") for g in groups(root, "expert")]
-    assert expert_names == ["universal-0", "dates-expert", "cipher-expert", "emails-expert"]  # drawn by group
+    assert expert_names == ["universal-0", "dates-expert", "times-expert", "emails-expert"]  # drawn by group
 
 
 def test_a_plain_lora_has_no_router_and_a_tiny_share_is_shown_with_three_digits() -> None:

@@ -53,7 +53,7 @@ def _train(ctx: StudioContext, mixture_id: uuid.UUID) -> uuid.UUID:
 
 
 def train_registry(folder: Path, bases_dir: Path, *, child: bool = True) -> Trained:
-    """Parent (dates, questions) trained twice, then (with ``child``) one that adds cipher (add_task schedule)."""
+    """Parent (dates, questions) trained twice, then (with ``child``) one that adds times (add_task schedule)."""
     settings = Settings(studio_data_dir=folder, base_cache_dir=bases_dir)
     upgrade_head(settings.db_url)
     ctx = StudioContext(settings=settings)
@@ -70,12 +70,12 @@ def train_registry(folder: Path, bases_dir: Path, *, child: bool = True) -> Trai
 
 
 def _train_child(ctx: StudioContext, spec: MixtureSpec) -> uuid.UUID:
-    grown = spec.with_task_expert("cipher", steps=(1, 1))
+    grown = spec.with_task_expert("times", steps=(1, 1))
     child = save_mixture(
         ctx=ctx,
         name="child",
         spec_json=grown.model_dump(mode="json"),
-        dataset_names=["dates", "questions", "cipher"],
+        dataset_names=["dates", "questions", "times"],
         parent="parent",
     )
     return _train(ctx, child.id)
@@ -137,14 +137,14 @@ def test_the_table_lists_every_expert_with_its_metric_and_whether_it_is_in_use(
     for spec_name in ("universal-0", "dates-expert", "questions-expert"):
         assert by_name.loc[expert_name(trained.old_run, spec_name), "in use"] == "no"  # superseded run
         assert by_name.loc[expert_name(trained.parent_run, spec_name), "in use"] == "yes"
-    cipher = by_name.loc[expert_name(trained.child_run, "cipher")]
-    assert (cipher["mixture"], cipher["tasks"], cipher["kind"], cipher["in use"]) == (
+    times = by_name.loc[expert_name(trained.child_run, "times")]
+    assert (times["mixture"], times["tasks"], times["kind"], times["in use"]) == (
         "child",
-        "cipher",
+        "times",
         "specific",
         "yes",
     )
-    assert cipher["job"] == trained.child_run.hex[:8]
+    assert times["job"] == trained.child_run.hex[:8]
     assert table["exact_match"].between(0, 1).all()  # every expert was evaluated on held-out rows
 
 
@@ -155,12 +155,12 @@ def test_filters_narrow_the_table(ctx: StudioContext, trained: Trained) -> None:
     everything = names()
     assert names(base_model=BUILTIN_TINY) == everything and names(base_model="someone/else") == set()
     child_universal = expert_name(trained.child_run, "universal-0")
-    cipher = expert_name(trained.child_run, "cipher")
-    assert names(task="cipher") == {cipher, child_universal}  # a universal expert serves every task of its run
+    times = expert_name(trained.child_run, "times")
+    assert names(task="times") == {times, child_universal}  # a universal expert serves every task of its run
     runs = (trained.old_run, trained.parent_run, trained.child_run)
     assert names(kind="universal") == {expert_name(job, "universal-0") for job in runs}
     assert len(names(mixture="child")) == 4 and len(names(mixture="parent")) == 6
-    assert names(search="CIPHER") == {cipher, child_universal}
+    assert names(search="TIMES") == {times, child_universal}
     assert names(search=trained.old_run.hex[:8]) == {
         expert_name(trained.old_run, n) for n in ("universal-0", "dates-expert", "questions-expert")
     }
@@ -181,7 +181,7 @@ def test_bad_filters_are_refused_naming_what_is_allowed(ctx: StudioContext, filt
 def test_filter_choices_are_what_the_registry_holds(ctx: StudioContext) -> None:
     choices = services.expert_filters(ctx=ctx)
     assert choices.base_models == [BUILTIN_TINY]
-    assert choices.tasks == ["cipher", "dates", "questions"]
+    assert choices.tasks == ["dates", "questions", "times"]
     assert choices.mixtures == ["child", "parent"]
     assert {"exact_match", "token_f1", "rouge_l"} <= set(choices.metrics)
     assert len(choices.experts) == 10
@@ -193,29 +193,29 @@ def test_filter_choices_are_what_the_registry_holds(ctx: StudioContext) -> None:
 def test_lineage_runs_from_the_datasets_through_the_parent_mixture_and_job_to_the_expert(
     ctx: StudioContext, trained: Trained
 ) -> None:
-    cipher = expert_name(trained.child_run, "cipher")
-    links = services.lineage(ctx=ctx, expert=cipher)
+    times = expert_name(trained.child_run, "times")
+    links = services.lineage(ctx=ctx, expert=times)
     assert [(link.kind, link.name) for link in links] == [
-        ("dataset", "cipher"),
         ("dataset", "dates"),
         ("dataset", "questions"),
+        ("dataset", "times"),
         ("parent mixture", "parent"),
         ("mixture", "child"),
         ("job", trained.child_run.hex[:8]),
-        ("expert", cipher),
+        ("expert", times),
     ]
     assert "add_task" in links[4].details and "succeeded" in links[5].details and "2/2 steps" in links[5].details
-    text = services.expert_lineage(ctx=ctx, expert=cipher)
+    text = services.expert_lineage(ctx=ctx, expert=times)
     assert text.splitlines()[0] == (
-        f"dataset **cipher** · **dates** · **questions** → parent mixture **parent** → mixture **child** → "
-        f"job **{trained.child_run.hex[:8]}** → expert **{cipher}**"
+        f"dataset **dates** · **questions** · **times** → parent mixture **parent** → mixture **child** → "
+        f"job **{trained.child_run.hex[:8]}** → expert **{times}**"
     )
-    assert "cipher: exact\\_match" in text  # the expert's own metrics, escaped for Markdown
+    assert "times: exact\\_match" in text  # the expert's own metrics, escaped for Markdown
 
 
 def test_metrics_table_has_one_row_per_task_of_the_expert(ctx: StudioContext, trained: Trained) -> None:
     universal = services.expert_metrics(ctx=ctx, expert=expert_name(trained.child_run, "universal-0"))
-    assert list(universal["task"]) == ["cipher", "dates", "questions"]
+    assert list(universal["task"]) == ["dates", "questions", "times"]
     assert {"exact_match", "token_f1", "rouge_l"} <= set(universal.columns)
     for metric in ("exact_match", "token_f1", "rouge_l"):
         assert universal[metric].between(0, 1).all()
@@ -236,16 +236,16 @@ def test_spec_for_a_new_mixture_is_the_one_that_trained_the_expert(ctx: StudioCo
         parent_spec = s.scalars(sa.select(Mixture.spec_json).where(Mixture.name == "parent")).one()
     assert services.expert_to_spec(ctx=ctx, expert=expert_name(trained.parent_run, "dates-expert")) == parent_spec
     grown = MixtureSpec.model_validate(
-        services.expert_to_spec(ctx=ctx, expert=expert_name(trained.child_run, "cipher"))
+        services.expert_to_spec(ctx=ctx, expert=expert_name(trained.child_run, "times"))
     )
-    assert grown.tasks == ["dates", "questions", "cipher"] and [e.name for e in grown.experts][-1] == "cipher"
+    assert grown.tasks == ["dates", "questions", "times"] and [e.name for e in grown.experts][-1] == "times"
     assert (grown.schedule.kind, grown.schedule.stage_steps) == ("joint", [2])  # no parent: add_task becomes joint
 
 
 # --- export --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("run", "spec_name"), [("parent_run", "dates-expert"), ("child_run", "cipher")])
+@pytest.mark.parametrize(("run", "spec_name"), [("parent_run", "dates-expert"), ("child_run", "times")])
 def test_export_is_a_peft_adapter_that_computes_the_mixture_routed_to_the_expert(
     ctx: StudioContext, trained: Trained, tmp_path: Path, run: str, spec_name: str
 ) -> None:

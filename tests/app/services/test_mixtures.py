@@ -213,7 +213,7 @@ def test_router_options_are_generated_from_each_kinds_options_model() -> None:
 
 
 def _spec_for(kind: str, **changes: object) -> MixtureSpec:
-    spec = default_spec(BUILTIN_TINY, ["dates", "emails", "cipher"], router=kind).model_dump()
+    spec = default_spec(BUILTIN_TINY, ["dates", "emails", "times"], router=kind).model_dump()
     if kind == "grouped":
         spec["experts"][0]["group"] = spec["experts"][1]["group"] = "g"
     return MixtureSpec.model_validate(spec | changes)
@@ -258,11 +258,11 @@ def test_choosing_datasets_fills_tasks_and_keeps_edited_experts(ctx: StudioConte
     with pytest.raises(ServiceError, match="no dataset named nope"):
         services.tasks_of_datasets(ctx=ctx, dataset_names=["dates", "nope"])
     edited = [["my-dates", "dates", 4, 8.0, "g"], ["both", "dates, emails", 8, 16.0, ""]]
-    table = services.experts_for_tasks(edited, ["dates", "cipher"])
-    assert table.values.tolist() == [["my-dates", "dates", 4, 8.0, "g"], ["cipher-expert", "cipher", 8, 16.0, ""]]
-    shown, table = services.choose_datasets(ctx=ctx, dataset_names=["dates", "cipher"], tasks="", experts=edited)
-    assert shown == "dates, cipher" and list(table["name"]) == ["my-dates", "cipher-expert"]
-    kept = services.choose_datasets(ctx=ctx, dataset_names=["dates", "cipher"], tasks="cipher, dates", experts=[])
+    table = services.experts_for_tasks(edited, ["dates", "times"])
+    assert table.values.tolist() == [["my-dates", "dates", 4, 8.0, "g"], ["times-expert", "times", 8, 16.0, ""]]
+    shown, table = services.choose_datasets(ctx=ctx, dataset_names=["dates", "times"], tasks="", experts=edited)
+    assert shown == "dates, times" and list(table["name"]) == ["my-dates", "times-expert"]
+    kept = services.choose_datasets(ctx=ctx, dataset_names=["dates", "times"], tasks="times, dates", experts=[])
     assert kept == (None, None)  # the tasks shown already (a mixture just opened): order and experts kept
 
 
@@ -337,11 +337,11 @@ def test_open_and_duplicate_refuse_unknown_names(ctx: StudioContext) -> None:
 
 
 def test_add_task_saves_a_child_of_a_trained_mixture_that_trains(ctx: StudioContext) -> None:
-    child = services.add_task(ctx=ctx, name="parent", dataset="cipher", steps=(1, 1))
+    child = services.add_task(ctx=ctx, name="parent", dataset="times", steps=(1, 1))
     opened = services.open_mixture(ctx=ctx, name=child.name)
-    assert (child.name, opened.parent, opened.datasets) == ("parent-cipher", "parent", ["cipher", "dates", "emails"])
+    assert (child.name, opened.parent, opened.datasets) == ("parent-times", "parent", ["dates", "emails", "times"])
     parent = services.open_mixture(ctx=ctx, name="parent").spec
-    assert opened.spec == parent.with_task_expert("cipher", steps=(1, 1))
+    assert opened.spec == parent.with_task_expert("times", steps=(1, 1))
     job_id = services.start_training(ctx=ctx, name=child.name)
     assert run_job(job_id, settings=ctx.settings) == "succeeded"
     assert services.open_mixture(ctx=ctx, name=child.name).trained
@@ -366,7 +366,7 @@ def test_add_task_refuses_a_dataset_that_adds_no_new_task(
 def test_add_task_refuses_an_untrained_mixture(ctx: StudioContext) -> None:
     save_tiny(ctx, "fresh")
     with pytest.raises(ServiceError, match="mixture 'fresh' is not trained yet: train it first"):
-        services.add_task(ctx=ctx, name="fresh", dataset="cipher")
+        services.add_task(ctx=ctx, name="fresh", dataset="times")
     assert _count(ctx, Mixture) == 2
 
 
@@ -411,7 +411,7 @@ def test_start_training_is_refused_when_the_datasets_are_gone(ctx: StudioContext
 
 
 def test_start_training_of_a_child_is_refused_while_its_parent_is_untrained(ctx: StudioContext) -> None:
-    child = services.add_task(ctx=ctx, name="parent", dataset="cipher")
+    child = services.add_task(ctx=ctx, name="parent", dataset="times")
     with ctx.session() as s:
         s.execute(sa.update(Mixture).where(Mixture.name == "parent").values(trained=False))
     with pytest.raises(ServiceError, match="but its parent 'parent' is not trained"):

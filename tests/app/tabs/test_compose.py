@@ -133,10 +133,10 @@ def test_an_unknown_base_model_gets_a_message(client: Client, settings: Settings
 def test_choosing_datasets_fills_the_tasks_and_one_expert_each(client: Client) -> None:
     empty = {"headers": services.EXPERT_COLUMNS, "data": []}
     tasks, experts = client.predict(
-        dataset_names=["cipher", "dates"], tasks="", experts=empty, api_name="/choose_datasets"
+        dataset_names=["times", "dates"], tasks="", experts=empty, api_name="/choose_datasets"
     )
-    assert tasks == "cipher, dates"
-    assert [row[:2] for row in experts["data"]] == [["cipher-expert", "cipher"], ["dates-expert", "dates"]]
+    assert tasks == "times, dates"
+    assert [row[:2] for row in experts["data"]] == [["times-expert", "times"], ["dates-expert", "dates"]]
     with pytest.raises(AppError, match="no dataset named ghost"):
         client.predict(dataset_names=["ghost"], tasks="", experts=empty, api_name="/choose_datasets")
 
@@ -144,15 +144,15 @@ def test_choosing_datasets_fills_the_tasks_and_one_expert_each(client: Client) -
 def test_add_a_task_to_a_trained_mixture_only(client: Client, settings: Settings) -> None:
     _save(client, "fresh")
     with pytest.raises(AppError, match="mixture 'fresh' is not trained yet"):
-        client.predict(name="fresh", dataset="cipher", new_name="", api_name="/add_task")
-    status, chosen, _ = client.predict(name="parent", dataset="cipher", new_name="", api_name="/add_task")
-    assert "Saved 'parent-cipher': 'parent' plus an expert for task 'cipher'" in status
-    assert chosen["value"] == "parent-cipher"
+        client.predict(name="fresh", dataset="times", new_name="", api_name="/add_task")
+    status, chosen, _ = client.predict(name="parent", dataset="times", new_name="", api_name="/add_task")
+    assert "Saved 'parent-times': 'parent' plus an expert for task 'times'" in status
+    assert chosen["value"] == "parent-times"
     mixtures = _mixtures(settings)
-    child = mixtures["parent-cipher"]
+    child = mixtures["parent-times"]
     assert child.parent_id == mixtures["parent"].id and child.spec_json["schedule"]["kind"] == "add_task"
-    assert sorted(d.name for d in child.datasets) == ["cipher", "dates", "emails"]
-    values = client.predict(name="parent-cipher", api_name="/open_mixture")
+    assert sorted(d.name for d in child.datasets) == ["dates", "emails", "times"]
+    values = client.predict(name="parent-times", api_name="/open_mixture")
     assert values[len(services.FORM_FIELDS) + 1] == "parent"  # "grown from"
 
 

@@ -25,7 +25,7 @@ from worker import inference
 from worker.dispatch import submit_training
 from worker.jobs import run_job
 
-PROMPT, INPUT = "Give the domain of the e-mail address.", "Write to bob7@lab.io today."
+PROMPT, INPUT = "Give the domain of the e-mail address.", "Write to bob7@lab.io."
 EXPERTS = [f"{task}-expert" for task in DEMO_TASKS]
 FIRST, SECOND, THIRD, LAST = EXPERTS
 
