@@ -56,6 +56,8 @@ class RoutingState:
     inputs: RoutingInputs = field(default_factory=RoutingInputs)
     generating: bool = False  # sequence-level gates computed on the prompt are reused while decoding
     sequence_gates: dict[str, RouterOutput] = field(default_factory=dict)
+    # per layer while decoding with gates fixed for the sequence: (per-rank coefficients, router output to trace)
+    decode_cache: dict[str, tuple[Tensor, RouterOutput | None]] = field(default_factory=dict)
     aux_losses: list[Tensor] = field(default_factory=list)
     trace: RoutingTrace | None = None
     forced: dict[str, float] | None = None  # expert name -> weight, replaces the router (playground, export check)
@@ -65,6 +67,7 @@ class RoutingState:
     def reset(self, inputs: RoutingInputs, *, generating: bool = False) -> None:
         self.inputs, self.generating = inputs, generating
         self.sequence_gates.clear()
+        self.decode_cache.clear()
         self.aux_losses.clear()
 
 
@@ -116,12 +119,18 @@ class LoRAExperts(nn.Module):
         b_cat = torch.cat(list(self.up), dim=1) if len(self.up) > 1 else self.up[0]  # (d_out, R)
         return a_cat, b_cat
 
+    def per_rank(self, coef: Tensor) -> Tensor:
+        """``coef`` (B, T|1, E) -> (B, T|1, R): g_e·s_e on expert e's rank rows (a matmul, not a gather)."""
+        return coef @ self.expand.to(coef.dtype)
+
+    def apply(self, x: Tensor, per_rank: Tensor) -> Tensor:
+        """``x`` (B, T, d_in), ``per_rank`` (B, T|1, R) -> Δh (B, T, d_out)."""
+        a_cat, b_cat = self.stacked()  # (R, d_in), (d_out, R)
+        return ((x @ a_cat.T) * per_rank) @ b_cat.T  # (B, T, R) -> (B, T, d_out)
+
     def forward(self, x: Tensor, coef: Tensor) -> Tensor:
         """``x`` (B, T, d_in), ``coef`` (B, T|1, E) without the α/r scaling -> Δh (B, T, d_out)."""
-        a_cat, b_cat = self.stacked()  # (R, d_in), (d_out, R)
-        z = x @ a_cat.T  # (B, T, R)
-        per_rank = coef @ self.expand.to(coef.dtype)  # (B, T|1, R): g_e·s_e on e's rank rows, a matmul not a gather
-        return (z * per_rank) @ b_cat.T  # (B, T, d_out)
+        return self.apply(x, self.per_rank(coef))
 
 
 class SharedDownExperts(nn.Module):
@@ -255,9 +264,16 @@ class MixtureLinear(nn.Module):
         result = self.base(x)  # (B, T, d_out)
         dtype = (self.experts.down[0] if self.experts is not None else self.shared.shared_down).dtype
         xd = self.dropout(x).to(dtype)  # (B, T, d_in)
+        state = self.state
+        cached = state.decode_cache.get(self.name) if state.generating else None
+        if cached is not None:  # decoding with the prompt's gates: their per-rank coefficients, computed once
+            per_rank, routed = cached
+            if state.trace is not None and routed is not None:
+                state.trace.record(self.name, self._routed_names(), routed, x.shape[1])
+            assert self.experts is not None
+            return result + self.experts.apply(xd, per_rank).to(result.dtype)
         low_rank = self.shared.low_rank(xd) if self.shared is not None else None  # (B, T, r)
         out = self.route(xd, low_rank)
-        state = self.state
         if state.trace is not None and out is not None:
             state.trace.record(self.name, self._routed_names(), out, x.shape[1])
         gates = out.weights if out is not None else xd.new_zeros(x.shape[0], 1, 0)  # (B, T|1, E_routed)
@@ -277,11 +293,22 @@ class MixtureLinear(nn.Module):
                 coef = specific_coef
             else:
                 coef = _cat_coef(universal_coef, specific_coef)
-            delta = self.experts(xd, coef)  # (B, T, d_out)
+            per_rank = self.experts.per_rank(coef)  # (B, T|1, R)
+            if state.generating and self._gates_fixed_for_the_sequence():
+                state.decode_cache[self.name] = (per_rank, out)
+            delta = self.experts.apply(xd, per_rank)  # (B, T, d_out)
         if self.shared is not None and low_rank is not None:
             shared_delta = self.shared(low_rank, specific_coef)
             delta = shared_delta if delta is None else delta + shared_delta
         return result if delta is None else result + delta.to(result.dtype)
+
+    def _gates_fixed_for_the_sequence(self) -> bool:
+        """True when no token changes the coefficients: no router, sequence gates, forced or own-task weights."""
+        state = self.state
+        if self.shared is not None:
+            return False
+        fixed = state.forced is not None or state.task_table is not None
+        return fixed or self.router is None or self.router.options.granularity == "sequence"
 
     def _universal_on(self, xd: Tensor) -> Tensor:
         """(1, 1, U): 1 for each always-on universal expert, 0 where the playground switched it off."""

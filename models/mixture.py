@@ -228,6 +228,7 @@ class MixtureModel(nn.Module):
         finally:
             self.state.generating = False
             self.state.sequence_gates.clear()
+            self.state.decode_cache.clear()
 
     @contextmanager
     def tracing(self) -> Iterator[RoutingTrace]:

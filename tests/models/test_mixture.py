@@ -244,6 +244,35 @@ def test_sequence_gates_are_computed_once_per_generation() -> None:
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize(
+    ("kind", "granularity", "forced"),
+    [
+        ("softmax", "token", False),
+        ("softmax", "sequence", False),
+        ("modula", "sequence", False),
+        ("topk", "token", True),
+    ],
+)
+def test_cached_decoding_computes_what_full_forwards_compute(kind: str, granularity: str, forced: bool) -> None:
+    """Generation reuses the KV cache and, where the gates are fixed for the sequence, their per-rank coefficients;
+    each step's scores must equal a full forward of the sequence so far (the prompt alone feeding sequence gates)."""
+    router = {"kind": kind, "options": {"granularity": granularity}}
+    mixture = attach_mixture(tiny_llama(), make_spec(kind, router=router)).eval()
+    randomise_experts(mixture)
+    prompt = IDS[:1]
+    weights = {name: 0.5 for name in mixture.expert_names[1:3]} if forced else None
+    with torch.no_grad(), mixture.overridden(forced=weights):
+        out = mixture.generate(
+            prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True
+        )
+        for step, scores in enumerate(out.scores):
+            seen = out.sequences[:, : prompt.shape[1] + step]
+            labels = torch.full_like(seen, -100)
+            labels[:, prompt.shape[1] :] = 0  # generated tokens are not prompt: sequence gates ignore them
+            full = mixture(seen, labels=labels).logits[:, -1]
+            torch.testing.assert_close(scores, full, atol=1e-5, rtol=1e-5)
+
+
 def test_modula_res_keeps_universal_on_when_every_domain_expert_is_off() -> None:
     mixture = attach_mixture(tiny_llama(), make_spec("modula"))
     randomise_experts(mixture)
