@@ -32,11 +32,13 @@ def build_demo(ctx: StudioContext | None = None) -> gr.Blocks:
     with gr.Blocks(title=strings.TITLE, delete_cache=(3600, 86_400)) as demo:
         gr.Markdown(f"# {strings.TITLE}\n{strings.SUBTITLE}")
         handles: dict[str, Any] = {}
+        shown: dict[str, gr.Tab] = {}
         with gr.Tabs() as tabs:
             for label, module in TABS:
-                with gr.Tab(label, id=tab_id(label)):
+                with gr.Tab(label, id=tab_id(label)) as shown[tab_id(label)]:
                     handles[tab_id(label)] = module.build(ctx)
         _wire_hand_offs(ctx, tabs, handles)
+        _wire_refresh_on_show(ctx, shown, handles)
     demo.queue(default_concurrency_limit=1, max_size=64, api_open=False)
     return demo
 
@@ -64,6 +66,18 @@ def _wire_hand_offs(ctx: StudioContext, tabs: gr.Tabs, handles: dict[str, Any]) 
         outputs=queue.select_outputs,
         api_visibility="private",
     ).then(lambda: gr.Tabs(selected="jobs"), outputs=tabs, api_visibility="private")
+
+
+def _wire_refresh_on_show(ctx: StudioContext, shown: dict[str, gr.Tab], handles: dict[str, Any]) -> None:
+    """Tabs whose content a job changes elsewhere (new experts, newly trained mixtures) refresh when opened."""
+    handles["experts"].refresh_on(shown["experts"].select)
+    mixture = handles["playground"].mixture
+    shown["playground"].select(
+        lambda current: playground.mixture_choices(ctx, current),
+        inputs=mixture,
+        outputs=mixture,
+        api_visibility="private",
+    )
 
 
 def launch_kwargs(ctx: StudioContext) -> dict[str, Any]:

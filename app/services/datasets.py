@@ -304,12 +304,20 @@ def preview_dataset(
     )
 
 
-def task_counts(*, ctx: StudioContext, name: str | None, owner: str = LOCAL_OWNER) -> pd.DataFrame:
-    """Rows per task of one dataset, for a bar chart."""
+def task_counts(*, ctx: StudioContext, name: str | None = None, owner: str = LOCAL_OWNER) -> pd.DataFrame:
+    """Rows per task for the bar chart: of one dataset, or of every registered one when ``name`` is empty."""
     with ctx.session() as s:
-        dataset = _get(s, name, owner)
-        counts = dict(dataset.task_counts)
-    return pd.DataFrame({"task": list(counts), "rows": [int(v) for v in counts.values()]}, columns=["task", "rows"])
+        if name and name.strip():
+            datasets = [_get(s, name, owner)]
+        else:
+            query = sa.select(Dataset).where(Dataset.owner_id == owner).order_by(Dataset.created_at)
+            datasets = list(s.scalars(query))
+        records = [
+            {"task": task, "rows": int(count), "dataset": d.name}
+            for d in datasets
+            for task, count in d.task_counts.items()
+        ]
+    return pd.DataFrame(records, columns=["task", "rows", "dataset"])
 
 
 # --- changing ---------------------------------------------------------------------------------------------------

@@ -450,6 +450,7 @@ def _wire_save(
         inputs=[actions.name, view.spec, datasets, actions.parent],
         outputs=[actions.status, actions.mixture, table],
         api_name="save_mixture",
+        show_progress="hidden",  # a refusal must not cover the mixture picker with an error overlay
     )
 
 
@@ -496,15 +497,24 @@ def _wire_mixtures(
         outputs=actions.add_dataset,
         api_visibility="private",
     )
-    actions.open.click(open_mixture, inputs=actions.mixture, outputs=prefill_outputs, api_name="open_mixture")
+    # These write into inputs (the form, the mixture picker): without progress, a refusal is a message and leaves
+    # them usable, where Gradio would otherwise lay an "Error" overlay over each one.
+    actions.open.click(
+        open_mixture, inputs=actions.mixture, outputs=prefill_outputs, api_name="open_mixture", show_progress="hidden"
+    )
     actions.duplicate.click(
-        duplicate_mixture, inputs=[actions.mixture, actions.new_name], outputs=changed, api_name="duplicate_mixture"
+        duplicate_mixture,
+        inputs=[actions.mixture, actions.new_name],
+        outputs=changed,
+        api_name="duplicate_mixture",
+        show_progress="hidden",
     )
     actions.add_task.click(
         add_task,
         inputs=[actions.mixture, actions.add_dataset, actions.child_name],
         outputs=changed,
         api_name="add_task",
+        show_progress="hidden",
     )
     return actions.train.click(
         start_training, inputs=actions.mixture, outputs=[actions.job_id, actions.status], api_name="start_training"

@@ -90,7 +90,16 @@ def _browse_section() -> tuple[gr.Dropdown, gr.Dataframe, gr.BarPlot, gr.Textbox
         preview = gr.Dataframe(
             label=strings.DATASETS_PREVIEW, interactive=False, wrap=True, elem_id="datasets-preview", scale=3
         )
-        counts = gr.BarPlot(x="task", y="rows", label=strings.DATASETS_COUNTS, elem_id="datasets-task-counts", scale=2)
+        counts = gr.BarPlot(
+            x="task",
+            y="rows",
+            color="dataset",
+            y_lim=[0, None],
+            y_axis_format="d",
+            label=strings.DATASETS_COUNTS,
+            elem_id="datasets-task-counts",
+            scale=2,
+        )
     return selector, preview, counts, new_name, rename, delete, status
 
 
@@ -98,26 +107,26 @@ def _wire_upload(ctx: StudioContext, h: TabHandles, name: gr.Textbox) -> None:
     def check(paths: list[str] | None) -> str:
         return services.upload_report(services.check_uploads(ctx=ctx, paths=paths)) or strings.DATASETS_REPORT_EMPTY
 
-    def upload(paths: list[str] | None, typed: str | None) -> tuple[Any, ...]:
+    def upload(paths: list[str] | None, typed: str | None) -> tuple[str, str]:
+        """Only the report (and a state) are outputs, so a refusal marks nothing else of the page as failed."""
         try:
             stored = services.upload_datasets(ctx=ctx, paths=paths, name=typed)
         except ServiceError as error:
-            raise gr.Error(str(error), duration=None) from error
+            raise gr.Error(str(error), duration=20) from error  # the report below keeps every problem
         names = [d.name for d in stored]
-        message = strings.DATASETS_STORED.format(count=len(names), names=", ".join(f"'{n}'" for n in names))
-        table, selector = refresh_outputs(ctx, names[0])
-        return message, table, selector, None, ""
+        return strings.DATASETS_STORED.format(count=len(names), names=", ".join(f"'{n}'" for n in names)), names[0]
+
+    def after_upload(first: str) -> tuple[Any, ...]:
+        return (*refresh_outputs(ctx, first), None, "")
 
     gr.on(triggers=None, fn=lambda: refresh_outputs(ctx), outputs=[h.table, h.selector], api_visibility="private")
     h.files.upload(check, inputs=h.files, outputs=h.report, api_name="check_uploads")
     h.files.clear(lambda: strings.DATASETS_REPORT_EMPTY, outputs=h.report, api_visibility="private")
-    h.changed.append(
-        h.upload.click(
-            upload,
-            inputs=[h.files, name],
-            outputs=[h.report, h.table, h.selector, h.files, name],
-            api_name="upload_datasets",
-        )
+    first = gr.State()
+    uploaded = h.upload.click(upload, inputs=[h.files, name], outputs=[h.report, first], api_name="upload_datasets")
+    h.changed.append(uploaded)
+    uploaded.success(
+        after_upload, inputs=first, outputs=[h.table, h.selector, h.files, name], api_visibility="private"
     )
     h.refresh.click(
         lambda selected: refresh_outputs(ctx, selected),
@@ -134,30 +143,34 @@ def _wire_browse(
         return _call(services.preview_dataset, ctx=ctx, name=selected) if selected else None
 
     def counts(selected: str | None) -> pd.DataFrame:
-        return _call(services.task_counts, ctx=ctx, name=selected) if selected else None
+        """Rows per task of the chosen dataset; of every dataset while none is chosen."""
+        return _call(services.task_counts, ctx=ctx, name=selected)
 
-    def do_rename(selected: str | None, typed: str | None) -> tuple[Any, ...]:
+    def do_rename(selected: str | None, typed: str | None) -> tuple[str, str]:
         dataset = _call(services.rename_dataset, ctx=ctx, name=selected, new_name=typed)
-        table, selector = refresh_outputs(ctx, dataset.name)
-        return strings.DATASETS_RENAMED.format(old=selected, new=dataset.name), table, selector, ""
+        return strings.DATASETS_RENAMED.format(old=selected, new=dataset.name), dataset.name
 
-    def do_delete(selected: str | None) -> tuple[Any, ...]:
+    def do_delete(selected: str | None) -> tuple[str, None]:
         deleted = _call(services.delete_dataset, ctx=ctx, name=selected)
-        return (strings.DATASETS_DELETED.format(name=deleted), *refresh_outputs(ctx))
+        return strings.DATASETS_DELETED.format(name=deleted), None
 
     h.selector.change(preview, inputs=h.selector, outputs=h.preview, api_name="preview_dataset")
     h.selector.change(counts, inputs=h.selector, outputs=h.counts, api_name="task_counts")
-    h.changed.append(
-        rename.click(
-            do_rename,
-            inputs=[h.selector, new_name],
-            outputs=[h.status, h.table, h.selector, new_name],
-            api_name="rename_dataset",
+    gr.on(triggers=None, fn=lambda: counts(None), outputs=h.counts, api_visibility="private")
+    # A refusal ("in use", "name taken") marks only the status line; the table and the selector follow on success.
+    chosen = gr.State()
+    renamed = rename.click(
+        do_rename, inputs=[h.selector, new_name], outputs=[h.status, chosen], api_name="rename_dataset"
+    )
+    deleted = delete.click(do_delete, inputs=h.selector, outputs=[h.status, chosen], api_name="delete_dataset")
+    for event in (renamed, deleted):
+        h.changed.append(event)
+        event.success(
+            lambda name: (*refresh_outputs(ctx, name), ""),
+            inputs=chosen,
+            outputs=[h.table, h.selector, new_name],
+            api_visibility="private",
         )
-    )
-    h.changed.append(
-        delete.click(do_delete, inputs=h.selector, outputs=[h.status, h.table, h.selector], api_name="delete_dataset")
-    )
 
 
 def _call(fn: Any, **kwargs: Any) -> Any:

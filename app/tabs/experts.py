@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ class TabHandles:
     use_button: gr.Button
     spec: gr.JSON
     use_event: Any
+    refresh_on: Callable[[Any], None]  # refresh_on(trigger): redo the table and filters when ``trigger`` fires
 
 
 @dataclass
@@ -90,7 +92,7 @@ def build(ctx: StudioContext) -> TabHandles:
         elem_id="experts-table",
     )
     selector, detail = _detail_section()
-    _wire_table(ctx, filters, refresh, table, selector)
+    refresh_on = _wire_table(ctx, filters, refresh, table, selector)
     _wire_detail(ctx, filters, table, selector, detail)
     use_event = detail.use.click(
         lambda expert: _call(services.expert_to_spec, ctx=ctx, expert=expert),
@@ -98,7 +100,7 @@ def build(ctx: StudioContext) -> TabHandles:
         outputs=detail.spec,
         api_name="expert_to_spec",
     )
-    return TabHandles(table, refresh, selector, detail.use, detail.spec, use_event)
+    return TabHandles(table, refresh, selector, detail.use, detail.spec, use_event, refresh_on)
 
 
 def _filter_section() -> tuple[_Filters, gr.Button]:
@@ -165,7 +167,7 @@ def _detail_section() -> tuple[gr.Dropdown, _Detail]:
 
 def _wire_table(
     ctx: StudioContext, filters: _Filters, refresh: gr.Button, table: gr.Dataframe, selector: gr.Dropdown
-) -> None:
+) -> Callable[[Any], None]:
     def list_experts(
         base_model: str | None,
         task: str | None,
@@ -194,6 +196,17 @@ def _wire_table(
         lambda chosen: filter_choices(ctx, chosen), inputs=selector, outputs=choice_outputs, api_visibility="private"
     )
     table.select(pick, outputs=selector, api_visibility="private")
+
+    def refresh_on(trigger: Any) -> None:
+        """Experts trained since the page loaded appear when ``trigger`` (the tab's select) fires."""
+        trigger(list_experts, inputs=filters.inputs, outputs=table, api_visibility="private").then(
+            lambda chosen: filter_choices(ctx, chosen),
+            inputs=selector,
+            outputs=choice_outputs,
+            api_visibility="private",
+        )
+
+    return refresh_on
 
 
 def _wire_detail(

@@ -102,7 +102,9 @@ def _detail_section() -> _Detail:
         label=strings.JOBS_ERROR, placeholder=strings.JOBS_NO_ERROR, interactive=False, lines=2, elem_id="jobs-error"
     )
     with gr.Row():
-        loss = gr.LinePlot(None, x="step", y="value", color="task", label=strings.JOBS_LOSS, elem_id="jobs-loss")
+        loss = gr.LinePlot(
+            None, x="step", y="value", color="task", y_lim=[0, None], label=strings.JOBS_LOSS, elem_id="jobs-loss"
+        )
         with gr.Column():
             metric = gr.Dropdown(
                 label=strings.JOBS_EVAL_METRIC,
@@ -111,7 +113,9 @@ def _detail_section() -> _Detail:
                 allow_custom_value=True,  # so an unknown metric gets the service's message, with the choices
                 elem_id="jobs-eval-metric",
             )
-            evals = gr.LinePlot(None, x="step", y="value", color="task", label=strings.JOBS_EVAL, elem_id="jobs-eval")
+            evals = gr.LinePlot(  # every metric, and the achievement weights, lie in [0, 1 + ε]
+                None, x="step", y="value", color="task", y_lim=[0, None], label=strings.JOBS_EVAL, elem_id="jobs-eval"
+            )
     with gr.Accordion(strings.JOBS_EVENTS, open=False):
         events = gr.Dataframe(
             value=pd.DataFrame(columns=services.EVENT_COLUMNS),

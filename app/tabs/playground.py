@@ -57,7 +57,7 @@ def mixture_choices(ctx: StudioContext, current: str | None = None) -> Any:
     """An update for the mixture dropdown: the trained mixtures, keeping the current one when it is still there."""
     names = services.list_trained_mixtures(ctx=ctx)
     value = current if current in names else (names[0] if names else None)
-    return gr.update(choices=names, value=value, info=None if names else strings.PLAYGROUND_NO_TRAINED)
+    return gr.update(choices=names, value=value, info="" if names else strings.PLAYGROUND_NO_TRAINED)
 
 
 def build(ctx: StudioContext) -> TabHandles:
@@ -138,13 +138,17 @@ def _run_section(ctx: StudioContext, request: _Request) -> tuple[gr.Button, _Run
     output = gr.Textbox(label=strings.PLAYGROUND_OUTPUT, lines=2, interactive=False, elem_id="playground-output")
     details = gr.Markdown(elem_id="playground-details")
     with gr.Row():
-        layers = gr.Plot(label=strings.PLAYGROUND_LAYERS, elem_id="playground-layers", format="png")
+        layers = gr.Plot(label=strings.PLAYGROUND_LAYERS, elem_id="playground-layers", format="png", show_label=False)
         with gr.Column():
             layer = gr.Dropdown(
                 choices=[], label=strings.PLAYGROUND_LAYER, allow_custom_value=True, elem_id="playground-layer"
             )
-            tokens = gr.Plot(label=strings.PLAYGROUND_TOKEN_MAP, elem_id="playground-token-map", format="png")
-    groups = gr.Plot(label=strings.PLAYGROUND_GROUPS, visible=False, elem_id="playground-groups", format="png")
+            tokens = gr.Plot(
+                label=strings.PLAYGROUND_TOKEN_MAP, elem_id="playground-token-map", format="png", show_label=False
+            )
+    groups = gr.Plot(
+        label=strings.PLAYGROUND_GROUPS, visible=False, elem_id="playground-groups", format="png", show_label=False
+    )
     outputs = _RunOutputs(output, details, layers, layer, tokens, groups, gr.State())
 
     def run_prompt(*asked: Any) -> tuple:

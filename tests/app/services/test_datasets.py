@@ -261,8 +261,18 @@ def test_preview_shows_the_first_rows_and_chat_readably(ctx: StudioContext, tmp_
 
 def test_task_counts_for_the_bar_chart(ctx: StudioContext, tmp_path: Path) -> None:
     services.upload_datasets(ctx=ctx, paths=[write(tmp_path, "tasks.jsonl", TASKED)])
+    services.upload_datasets(ctx=ctx, paths=[write(tmp_path, "gamma.jsonl", GOOD)])
     counts = services.task_counts(ctx=ctx, name="tasks")
-    assert counts.to_dict("records") == [{"task": "alpha", "rows": 3}, {"task": "beta", "rows": 2}]
+    assert counts.to_dict("records") == [
+        {"task": "alpha", "rows": 3, "dataset": "tasks"},
+        {"task": "beta", "rows": 2, "dataset": "tasks"},
+    ]
+    every = services.task_counts(ctx=ctx, name="")  # nothing chosen: every dataset's tasks
+    assert [(r["dataset"], r["task"]) for r in every.to_dict("records")] == [
+        ("tasks", "alpha"),
+        ("tasks", "beta"),
+        ("gamma", "gamma"),
+    ]
 
 
 # --- rename and delete ------------------------------------------------------------------------------------------

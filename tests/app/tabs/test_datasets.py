@@ -75,25 +75,24 @@ def test_upload_preview_counts_rename_delete(client: Client, ctx: StudioContext,
 
     report = client.predict(files, api_name="/check_uploads")
     assert "✅ tasks.jsonl is valid: 6 rows in 2 tasks (alpha: 3, beta: 3)" in report
-    message, table, selector, cleared, name = client.predict(files, "", api_name="/upload_datasets")
+    message = client.predict(files, "", api_name="/upload_datasets")
     assert message == "Stored 2 dataset(s): 'tasks', 'one'."
+    table, selector = client.predict(None, api_name="/list_datasets")
     assert [row[:4] for row in table["data"]] == [["tasks", "jsonl", "alpha, beta", 6], ["one", "parquet", "one", 1]]
-    assert selector["choices"] == [["tasks", "tasks"], ["one", "one"]] and selector["value"] == "tasks"
-    assert cleared is None and name == ""
+    assert selector["choices"] == [["tasks", "tasks"], ["one", "one"]]
 
     preview = client.predict("tasks", api_name="/preview_dataset")
     assert preview["headers"] == ["row", "task", "instruction", "input", "output"]
     assert [row[1:3] for row in preview["data"][:2]] == [["beta", "say 0"], ["alpha", "say 1"]]
     counts = client.predict("tasks", api_name="/task_counts")
-    assert counts["data"] == [["alpha", 3], ["beta", 3]]
+    assert counts["data"] == [["alpha", 3, "tasks"], ["beta", 3, "tasks"]]
 
-    status, table, selector, _ = client.predict("tasks", "renamed", api_name="/rename_dataset")
-    assert status == "Renamed 'tasks' to 'renamed'." and selector["value"] == "renamed"
-    status, table, selector = client.predict("one", api_name="/delete_dataset")
+    status = client.predict("tasks", "renamed", api_name="/rename_dataset")
+    assert status == "Renamed 'tasks' to 'renamed'."
+    status = client.predict("one", api_name="/delete_dataset")
     assert status == "Deleted 'one'."
+    table, selector = client.predict(None, api_name="/list_datasets")
     assert [row[0] for row in table["data"]] == ["renamed"] and selector["choices"] == [["renamed", "renamed"]]
-    table, _ = client.predict(None, api_name="/list_datasets")
-    assert [row[0] for row in table["data"]] == ["renamed"]
     assert stored(ctx)[0] == 1 and len(stored(ctx)[1]) == 1
 
 
