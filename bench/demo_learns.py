@@ -24,17 +24,13 @@ import torch
 
 from models.bases import BUILTIN_SMOLLM2, BUILTIN_TINY
 from models.data import prompt_ids
-from models.demo import DEMO_TASKS, demo_rows, demo_spec
+from models.demo import ALL_PROJECTIONS, DEMO_TASKS, demo_rows, tuned_demo_spec
 from models.settings import get_settings
 from models.spec import MixtureSpec
 from worker.evaluate import evaluate_tasks
 from worker.trainer import Progress, Trainer, TrainerHooks
 
 BASES = {"tiny": BUILTIN_TINY, "smollm2": BUILTIN_SMOLLM2}
-DEFAULTS = {  # stage steps (universal, domain, router), batch size, learning rate, max length, eval every
-    "tiny": ([250, 850, 250], 16, 5e-3, 128, 100),
-    "smollm2": ([30, 60, 50], 8, 1e-3, 160, 40),
-}
 SCHEDULES = {"grouped": "at_moe"}  # each router's own schedule (ALGORITHMS.md §4); the others train as MoDULA
 
 
@@ -65,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=400, help="rows per task")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--granularity", choices=["token", "sequence"], default="sequence")
+    parser.add_argument("--variant", choices=["res", "flan"], default="res", help="MoDULA variant (router modula)")
+    parser.add_argument("--add-task", default=None, choices=DEMO_TASKS, help="measure add_task with this task")
     parser.add_argument(
         "--weighting",
         choices=["uniform", "proportional", "temperature", "achievement"],
@@ -72,33 +70,23 @@ def main(argv: list[str] | None = None) -> None:
         help="multi-task loss weighting (default: C-LoRAE's achievement weights)",
     )
     parser.add_argument("--eval-every", type=int, default=None, help="held-out evaluation (achievement) cadence")
-    parser.add_argument("--router-lr", type=float, default=1e-2, help="learning rate of router-only stages")
-    parser.add_argument("--variant", choices=["res", "flan"], default="res", help="MoDULA variant (router modula)")
-    parser.add_argument("--add-task", default=None, choices=DEMO_TASKS, help="measure add_task with this task")
-    parser.add_argument(
-        "--targets",
-        nargs="+",
-        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        help="target modules",
-    )
+    parser.add_argument("--router-lr", type=float, default=None, help="learning rate of router-only stages")
+    parser.add_argument("--targets", nargs="+", default=ALL_PROJECTIONS, help="target modules")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    steps, batch, lr, max_length, eval_every = DEFAULTS[args.base]
-    steps = args.steps or steps
-    spec = demo_spec(BASES[args.base], router=args.router).model_dump(mode="json")
-    spec["schedule"] |= {
-        "kind": SCHEDULES.get(args.router, "modula"),
-        "stage_steps": steps,
-        "batch_size": batch,
-        "learning_rate": lr,
-        "max_length": max_length,
-        "eval_every": args.eval_every or eval_every,
-        "checkpoint_every": 10_000,
-    }
+    spec = tuned_demo_spec(BASES[args.base], router=args.router).model_dump(mode="json")
+    schedule = spec["schedule"]
+    schedule["kind"] = SCHEDULES.get(args.router, "modula")
+    schedule["checkpoint_every"] = 10_000
+    if args.steps:
+        schedule["stage_steps"] = args.steps
+    if args.eval_every:
+        schedule["eval_every"] = args.eval_every
+    if args.router_lr:
+        schedule["router_learning_rate"] = args.router_lr
     spec["loss"] = {"weighting": args.weighting}
     spec["target_modules"] = args.targets
-    spec["schedule"]["router_learning_rate"] = args.router_lr
-    spec["router"]["options"] = spec["router"]["options"] | {"granularity": args.granularity}
+    spec["router"]["options"] |= {"granularity": args.granularity}
     if args.router == "modula":
         spec["router"]["options"]["variant"] = args.variant
     spec_obj = MixtureSpec.model_validate(spec)

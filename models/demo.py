@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from models.bases import BUILTIN_SMOLLM2, BUILTIN_TINY
 from models.data import ExampleRow, load_rows
 from models.spec import MixtureSpec, default_spec
 
@@ -138,6 +140,44 @@ def demo_spec(base_model: str, *, router: str = "modula", **changes: object) -> 
     spec = default_spec(base_model, list(DEMO_TASKS), router=router)
     data = spec.model_dump() | {"schedule": {"kind": "modula", "stage_steps": [100, 100, 50]}}
     return MixtureSpec.model_validate(data | changes)
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """How long and how hard the demo trains on one base: what ``bench.demo_learns`` measured (README)."""
+
+    stage_steps: tuple[int, int, int]  # MoDULA: universal, domain experts, router
+    batch_size: int
+    learning_rate: float
+    max_length: int
+    eval_every: int  # held-out evaluation, which the achievement weights read
+    router_learning_rate: float = 1e-2
+
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEMO_RECIPES = {
+    BUILTIN_TINY: DemoRecipe((250, 850, 250), 16, 5e-3, 128, 100),
+    BUILTIN_SMOLLM2: DemoRecipe((30, 60, 50), 8, 1e-3, 160, 40),
+}
+
+
+def tuned_demo_spec(base_model: str, *, router: str = "modula", recipe: DemoRecipe | None = None) -> MixtureSpec:
+    """The demo mixture as measured: MoDULA-Res with sequence gates, C-LoRAE achievement weighting, attention + MLP
+    projections, the base's recipe (SmolLM2's for any other base: a pre-trained model learns like it)."""
+    recipe = recipe or DEMO_RECIPES.get(base_model, DEMO_RECIPES[BUILTIN_SMOLLM2])
+    data = demo_spec(base_model, router=router).model_dump(mode="json")
+    data["target_modules"] = ALL_PROJECTIONS
+    data["loss"] = {"weighting": "achievement"}
+    data["router"]["options"] |= {"granularity": "sequence"}
+    data["schedule"] |= {
+        "stage_steps": list(recipe.stage_steps),
+        "batch_size": recipe.batch_size,
+        "learning_rate": recipe.learning_rate,
+        "router_learning_rate": recipe.router_learning_rate,
+        "max_length": recipe.max_length,
+        "eval_every": recipe.eval_every,
+    }
+    return MixtureSpec.model_validate(data)
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def save_mixture(
 
 def register_demo(*, ctx: StudioContext, base_model: str, router: str = "modula", owner: str = LOCAL_OWNER) -> Mixture:
     """The bundled demo: its four task files as datasets and a mixture ready to train (idempotent)."""
-    from models.demo import DEMO_TASKS, demo_files, demo_spec
+    from models.demo import DEMO_TASKS, demo_files, tuned_demo_spec
 
     with ctx.session() as s:
         existing = s.scalars(sa.select(Mixture).where(Mixture.owner_id == owner, Mixture.name == "demo")).first()
@@ -139,7 +139,7 @@ def register_demo(*, ctx: StudioContext, base_model: str, router: str = "modula"
     for path in demo_files():
         if path.stem not in have:
             create_dataset(ctx=ctx, filename=path.name, data=path.read_bytes(), name=path.stem, owner=owner)
-    spec = demo_spec(base_model, router=router)
+    spec = tuned_demo_spec(base_model, router=router)  # what bench.demo_learns measured on this base
     return save_mixture(
         ctx=ctx, name="demo", spec_json=spec.model_dump(mode="json"), dataset_names=list(DEMO_TASKS), owner=owner
     )

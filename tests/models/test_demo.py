@@ -5,7 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from models.data import validate_upload
-from models.demo import DEMO_TASKS, ROWS_PER_TASK, demo_files, demo_rows, demo_spec, write_demo_files
+from models.demo import (
+    ALL_PROJECTIONS,
+    DEMO_RECIPES,
+    DEMO_TASKS,
+    ROWS_PER_TASK,
+    demo_files,
+    demo_rows,
+    demo_spec,
+    tuned_demo_spec,
+    write_demo_files,
+)
 
 
 def test_shipped_files_are_what_the_generator_writes(tmp_path: Path) -> None:
@@ -42,3 +52,12 @@ def test_demo_spec_is_universal_plus_one_expert_per_task_with_a_learned_router()
     assert spec.tasks == list(DEMO_TASKS) and spec.universal.count == 1
     assert [e.tasks for e in spec.experts] == [[t] for t in DEMO_TASKS]
     assert spec.router.kind == "modula" and spec.schedule.kind == "modula"
+
+
+def test_the_tuned_demo_is_the_measured_recipe_of_each_base() -> None:
+    tiny = tuned_demo_spec("builtin:tiny")
+    assert tiny.schedule.stage_steps == list(DEMO_RECIPES["builtin:tiny"].stage_steps)
+    assert tiny.loss.weighting == "achievement" and tiny.router.options["granularity"] == "sequence"
+    assert tiny.target_modules == ALL_PROJECTIONS and tiny.router.options["variant"] == "res"
+    other = tuned_demo_spec("some-org/some-model")  # any other base trains like the pre-trained SmolLM2
+    assert other.schedule.stage_steps == list(DEMO_RECIPES["builtin:smollm2-135m-instruct"].stage_steps)

@@ -260,7 +260,7 @@ def test_cached_decoding_computes_what_full_forwards_compute(kind: str, granular
     mixture = attach_mixture(tiny_llama(), make_spec(kind, router=router)).eval()
     randomise_experts(mixture)
     prompt = IDS[:1]
-    weights = {name: 0.5 for name in mixture.expert_names[1:3]} if forced else None
+    weights = dict.fromkeys(mixture.expert_names[1:3], 0.5) if forced else None
     with torch.no_grad(), mixture.overridden(forced=weights):
         out = mixture.generate(
             prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True

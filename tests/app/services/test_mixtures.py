@@ -419,3 +419,17 @@ def test_start_training_of_a_child_is_refused_while_its_parent_is_untrained(ctx:
     with pytest.raises(ServiceError, match="no mixture named 'ghost'"):
         services.start_training(ctx=ctx, name="ghost")
     assert _count(ctx, Job) == 1
+
+
+def test_register_demo_stores_the_four_tasks_and_the_tuned_mixture_once(settings: Settings) -> None:
+    from models.demo import DEMO_TASKS, tuned_demo_spec
+
+    upgrade_head(settings.db_url)
+    ctx = StudioContext(settings=settings)
+    demo = services.register_demo(ctx=ctx, base_model=BUILTIN_TINY)
+    assert MixtureSpec.model_validate(demo.spec_json) == tuned_demo_spec(BUILTIN_TINY)
+    again = services.register_demo(ctx=ctx, base_model=BUILTIN_TINY)
+    with ctx.session() as s:
+        names = sorted(s.scalars(sa.select(Dataset.name)))
+        mixtures = list(s.scalars(sa.select(Mixture.name)))
+    assert again.id == demo.id and mixtures == ["demo"] and names == sorted(DEMO_TASKS)
