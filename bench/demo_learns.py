@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--granularity", choices=["token", "sequence"], default="sequence")
     parser.add_argument("--variant", choices=["res", "flan"], default="res", help="MoDULA variant (router modula)")
     parser.add_argument("--add-task", default=None, choices=DEMO_TASKS, help="measure add_task with this task")
+    parser.add_argument("--add-task-steps", type=int, nargs=2, default=None, help="new-expert and router steps")
+    parser.add_argument("--add-task-router-lr", type=float, default=None, help="router lr of the add_task run")
     parser.add_argument(
         "--weighting",
         choices=["uniform", "proportional", "temperature", "achievement"],
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = demo_rows(per_task=args.rows)
     settings = get_settings()
     if args.add_task:
-        add_task(spec_obj, rows, args.add_task, settings.bases_data_dir)
+        add_task(spec_obj, rows, args.add_task, settings.bases_data_dir, args.add_task_steps, args.add_task_router_lr)
         return
     last = [0.0]
 
@@ -148,7 +150,14 @@ def _expert_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return {f"{f.name}:{k}": v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-def add_task(spec: MixtureSpec, rows: list, task: str, data_dir: Path) -> None:
+def add_task(
+    spec: MixtureSpec,
+    rows: list,
+    task: str,
+    data_dir: Path,
+    steps: tuple[int, int] | None = None,
+    router_lr: float | None = None,
+) -> None:
     """Train the demo without ``task``, add it with the add_task schedule, compare the old experts and scores."""
     old_tasks = [t for t in spec.tasks if t != task]
     parent_spec = MixtureSpec.model_validate(
@@ -161,8 +170,11 @@ def add_task(spec: MixtureSpec, rows: list, task: str, data_dir: Path) -> None:
         holdout = parent.data.holdout  # old-task rows neither run trains on
         held = {(r.task, r.input, r.output) for r in holdout}
         before = evaluate_tasks(parent.mixture, parent.tokenizer, holdout, max_per_task=40)
-        steps = (spec.schedule.stage_steps[1] // len(spec.tasks), spec.schedule.stage_steps[2])
+        steps = steps or (spec.schedule.stage_steps[1] // len(spec.tasks), spec.schedule.stage_steps[2])
         grown = parent_spec.with_task_expert(task, name=f"{task}-expert", steps=steps)
+        if router_lr:
+            schedule = grown.schedule.model_copy(update={"router_learning_rate": router_lr})
+            grown = MixtureSpec.model_validate(grown.model_dump() | {"schedule": schedule.model_dump()})
         child_rows = [r for r in rows if (r.task, r.input, r.output) not in held]
         child = Trainer(
             grown, child_rows, data_dir=data_dir, work_dir=Path(tmp) / "c", parent_experts=parent_result.experts_folder

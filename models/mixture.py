@@ -281,9 +281,28 @@ class MixtureModel(nn.Module):
         task_id = new_spec.tasks.index(expert.tasks[0])
         group = new_spec.group_ids()[-1]
         for layer in self.layers():
+            old_shapes = {n: p.shape for n, p in layer.router.named_parameters()} if layer.router is not None else {}
             layer.add_expert(expert.name, expert.rank, expert.alpha, task_id=task_id, group=group)
+            if layer.router is not None:
+                _train_only_new_rows(layer.router, old_shapes)
         self.spec = new_spec
         return expert.name
+
+
+def _train_only_new_rows(router: nn.Module, old_shapes: dict[str, torch.Size]) -> None:
+    """Mask the gradients of what the router had before the new expert: its old rows (and parameters that did not
+    grow) stay bit-identical, and so does its query centre, so the old tasks keep their routing; only the new
+    expert's rows learn. With zero gradients from a fresh optimizer, Adam(W) without weight decay leaves them
+    exactly as they were."""
+    router.center_frozen = True  # type: ignore[assignment]
+    for name, param in router.named_parameters():
+        old = old_shapes.get(name)
+        if old is None:
+            continue  # a parameter the new expert brought: all of it learns
+        mask = torch.zeros_like(param)
+        if param.shape != old:
+            mask[old[0] :] = 1.0  # grown by rows: the new rows learn
+        param.register_hook(lambda grad, mask=mask: grad * mask)
 
 
 def attach_mixture(model: nn.Module, spec: MixtureSpec) -> MixtureModel:

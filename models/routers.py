@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 Granularity = Literal["token", "sequence"]
+CENTER_MOMENTUM = 0.05  # EMA of the sequence-query centre
 
 
 class RouterOptions(BaseModel):
@@ -81,6 +82,13 @@ class Router(nn.Module):
         super().__init__()
         self.options = options
         self.n_experts = n_experts
+        # Sequence gates look at the prompt's mean hidden state, which is mostly what every prompt shares (the
+        # template, a system prompt); a linear gate on it learns a global preference before a per-task one. The
+        # studio's choice: centre it on a running mean of the training prompts (set by the first router-training
+        # batch, then an EMA), so the gate sees what tells prompts apart. Saved with the router; frozen when set.
+        self.register_buffer("center", torch.zeros(d_in))  # (d_in,)
+        self.register_buffer("centered", torch.zeros(()))  # 0 until the first training batch
+        self.center_frozen = False  # add_task: the old routing must not move
 
     @classmethod
     def check(
@@ -94,10 +102,21 @@ class Router(nn.Module):
             raise ValueError(f"router '{cls.kind}' needs at least one routed expert; the mixture has none")
 
     def router_input(self, x: Tensor, inputs: RoutingInputs) -> Tensor:
-        """What the router looks at: each token, or the mean over the prompt's tokens."""
+        """What the router looks at: each token, or the mean over the prompt's tokens minus the running centre."""
         if self.options.granularity == "sequence":
-            return sequence_mean(x, inputs.prompt_mask)  # (B, 1, d_in)
+            q = sequence_mean(x, inputs.prompt_mask)  # (B, 1, d_in)
+            return q - self._center(q)
         return x  # (B, T, d_in)
+
+    def _center(self, q: Tensor) -> Tensor:
+        """The centre of sequence queries, updated (without a host sync) on router-training batches."""
+        if self.training and torch.is_grad_enabled() and not self.center_frozen:
+            with torch.no_grad():
+                batch = q.detach().mean(dim=(0, 1)).to(self.center.dtype)  # (d_in,)
+                moved = torch.lerp(self.center, batch, CENTER_MOMENTUM)
+                self.center.copy_(torch.where(self.centered > 0, moved, batch))
+                self.centered.fill_(1.0)
+        return self.center.to(q.dtype)  # (d_in,)
 
     def forward(self, x: Tensor, inputs: RoutingInputs, low_rank: Tensor | None = None) -> RouterOutput:
         raise NotImplementedError

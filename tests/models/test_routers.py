@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from models.routers import (
+    CENTER_MOMENTUM,
     ROUTER_KINDS,
     GroupedRouter,
     Router,
@@ -181,3 +182,24 @@ def test_a_new_router_is_one_class_and_one_line() -> None:
 
     table = register_routers(*ROUTER_KINDS.values(), Uniform)
     assert table["uniform"] is Uniform
+
+
+def test_sequence_queries_are_centred_on_a_running_mean_of_training_prompts() -> None:
+    router = _router("softmax", granularity="sequence")
+    shared = 5.0 * torch.randn(1, 1, D)  # what every prompt has in common (template, system prompt)
+    first = shared + torch.randn(B, T, D)
+    router.train()
+    q = router.router_input(first, _inputs())  # the first training batch sets the centre to its mean
+    torch.testing.assert_close(router.center, first.mean(dim=(0, 1)))
+    assert q.mean(dim=(0, 1)).abs().max() < 1e-5 and q.norm() < first.mean(dim=1).norm()
+    second = shared + torch.randn(B, T, D)
+    router.router_input(second, _inputs())  # then an exponential moving average
+    expected = torch.lerp(first.mean(dim=(0, 1)), second.mean(dim=(0, 1)), CENTER_MOMENTUM)
+    torch.testing.assert_close(router.center, expected)
+    kept = router.center.clone()
+    router.eval()
+    router.router_input(shared + torch.randn(B, T, D), _inputs())  # evaluation reads it, never moves it
+    router.train()
+    router.center_frozen = True  # add_task: old routing must not move
+    router.router_input(shared + torch.randn(B, T, D), _inputs())
+    assert torch.equal(router.center, kept)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from models.bases import BUILTIN_TINY
 from models.data import ExampleRow
 from models.demo import DEMO_TASKS, demo_rows, demo_spec
-from models.mixture import expert_file
+from models.mixture import ROUTERS_FILE, expert_file
 from models.spec import MixtureSpec
 from models.storage import ArtifactStore
 from worker import checkpoints
@@ -121,12 +121,15 @@ def test_staged_schedules_train_only_each_stages_groups(
         assert changed == [experts | {"expert:universal-0"}, {"router"}]
 
 
-def test_add_task_leaves_every_old_expert_bit_identical(
-    rows: list[ExampleRow], bases_dir: Path, tmp_path: Path
+@pytest.mark.parametrize("router", ["softmax", "grouped", "semantic"])
+def test_add_task_leaves_every_old_expert_and_router_row_bit_identical(
+    rows: list[ExampleRow], bases_dir: Path, tmp_path: Path, router: str
 ) -> None:
     three = [r for r in rows if r.task != "times"]
     parent_spec = _spec(
-        tasks=list(DEMO_TASKS[:3]), experts=[{"name": f"{t}-expert", "tasks": [t]} for t in DEMO_TASKS[:3]]
+        router=router,
+        tasks=list(DEMO_TASKS[:3]),
+        experts=[{"name": f"{t}-expert", "tasks": [t]} for t in DEMO_TASKS[:3]],
     )
     parent = _trainer(parent_spec, three, bases_dir, tmp_path / "parent").run()
     grown = parent_spec.with_task_expert("times", name="times-expert", steps=(3, 2))
@@ -136,6 +139,15 @@ def test_add_task_leaves_every_old_expert_bit_identical(
         if key.startswith("expert-"):
             assert torch.equal(value, new[key]), key
     assert any(k.startswith(expert_file("times-expert")) for k in new)
+    routers = [k for k in old if k.startswith(ROUTERS_FILE)]
+    assert routers
+    learned = []
+    for key in routers:  # old rows and the query centre route the old tasks as before; the new rows learned
+        before = tuple(slice(0, n) for n in old[key].shape)  # the old block of a grown tensor
+        assert torch.equal(old[key], new[key][before]), key
+        if new[key].shape != old[key].shape and key.endswith(".weight"):
+            learned.append(bool(new[key][old[key].shape[0] :].abs().sum() > 0))
+    assert learned and any(learned)  # (a one-expert group's within-group row gets no gradient: it is always 1)
 
 
 def test_data_with_a_task_the_mixture_lacks_is_refused(
