@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from models.precision import InferenceDtype
+
 EMBEDDED_BROKER = "embedded"
 
 
@@ -34,6 +36,9 @@ class Settings(BaseSettings):
     lease_ttl_s: int = Field(default=60, ge=2, description="A worker's lease on its job; renewed every third of it.")
     queued_resend_s: int = Field(default=120, ge=1, description="Re-send a queued job's message after this long.")
     reap_every_s: float = Field(default=30.0, gt=0, description="How often app and workers sweep for lost jobs.")
+    inference_dtype: InferenceDtype = Field(
+        default="auto", description="Frozen base weights at inference: auto = bf16 where the hardware has it."
+    )
     host: str = Field(default="127.0.0.1", description="Address the studio binds to.")
     port: int = Field(default=7860, ge=1, le=65_535)
 

@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from models.bases import UnknownBaseModelError, load_base
 from models.data import ExampleRow, prompt_ids
 from models.mixture import MixtureError, MixtureModel, attach_mixture, load_experts, read_manifest
+from models.precision import inference_dtype
 from models.registry import Job, JobState, Mixture, session_scope
 from models.settings import Settings
 from models.spec import MixtureSpec
@@ -143,7 +144,11 @@ def _load(settings: Settings, name: str, prefix: str) -> tuple[MixtureModel, Any
             load_experts(mixture, folder)
     except (MixtureError, UnknownBaseModelError, FileNotFoundError, ValidationError) as error:
         raise InferenceError(f"the trained experts of '{name}' could not be loaded: {error}") from error
-    return mixture.to(device).eval(), tokenizer
+    mixture = mixture.to(device).eval()
+    dtype = inference_dtype(settings.inference_dtype, torch.device(device))
+    if dtype != torch.float32:
+        mixture.store_base_in(dtype)
+    return mixture, tokenizer
 
 
 def load_trained(settings: Settings, mixture_id: uuid.UUID) -> LoadedMixture:

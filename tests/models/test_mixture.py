@@ -337,3 +337,19 @@ def test_own_task_routing_sends_each_sample_to_its_task_expert_only() -> None:
     with torch.no_grad(), mixture.own_task_routing(universal_on=False):
         no_universal = mixture(IDS, task_ids=TASK_IDS).logits
     assert not torch.allclose(no_universal, routed)
+
+
+@pytest.mark.parametrize("kind", ["modula", "semantic"])
+def test_a_bf16_base_keeps_experts_and_routers_in_fp32_and_the_same_outputs(kind: str) -> None:
+    mixture = attach_mixture(tiny_llama(), make_spec(kind)).eval()
+    randomise_experts(mixture)
+    full = _logits(mixture)
+    mixture.store_base_in(torch.bfloat16)
+    adapters = {n for n, _ in mixture.named_parameters() if any(k in n for k in ("experts.", "shared.", "router."))}
+    dtypes = {n: p.dtype for n, p in mixture.named_parameters()}
+    assert adapters and all(dtypes[n] == torch.float32 for n in adapters)
+    assert {dtypes[n] for n in dtypes if n not in adapters} == {torch.bfloat16}  # embeddings, norms, base linears
+    half = _logits(mixture)
+    assert half.dtype == torch.bfloat16
+    assert (half.float().argmax(-1) == full.argmax(-1)).float().mean() >= 0.9
+    torch.testing.assert_close(half.float(), full, atol=0.1, rtol=0.05)

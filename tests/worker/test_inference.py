@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
+import torch
 
 from app.context import StudioContext
 from app.services.mixtures import save_mixture
@@ -232,3 +233,18 @@ def test_expert_weights_changed_in_place_are_seen_by_the_next_request(bases_dir:
             layer.experts.up[1].add_(0.5)  # B of the first task expert (index 0 is the universal expert)
     after = infer(loaded, PROMPT, forced={FIRST: 1.0}, stop_at_eos=False, max_new_tokens=3)
     assert after.token_probs != before.token_probs
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_inference_dtype_setting_decides_the_bases_dtype_not_the_experts(trained: Trained, dtype: str) -> None:
+    settings = trained.ctx.settings.model_copy(update={"inference_dtype": dtype})
+    inference.clear_cache()
+    try:
+        loaded = load_trained(settings, trained.mixture_id)
+        base = next(loaded.model.layers()).base.weight
+        experts = [p for n, p in loaded.model.named_parameters() if "experts." in n or "router." in n]
+        assert base.dtype == getattr(torch, dtype) and {p.dtype for p in experts} == {torch.float32}
+        result = infer(loaded, PROMPT, input_text=INPUT, max_new_tokens=4, stop_at_eos=False)
+        assert len(result.generated_tokens) == 4 and np.isfinite(result.token_weights).all()
+    finally:
+        inference.clear_cache()
