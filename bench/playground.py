@@ -1,11 +1,13 @@
 """Latency of a playground request on the demo mixture: ``python -m bench.playground [--base smollm2|tiny]``.
 
-Registers the bundled demo (datasets and the ``demo`` mixture, through ``models`` and ``worker`` only: no ``app``)
-in a data dir, trains it with a short joint schedule through the real job path (``worker.jobs.run_job``), or reuses it
-when that data dir holds it trained already (``--data-dir``), since latency does not depend on quality. Then
-it times playground requests exactly as the playground makes them — ``load_trained`` (a cache hit after the
-first) then ``infer`` — of ``--new-tokens`` tokens (EOS ignored, so every request generates all of them), with
-and without routing capture, paired and alternating on the same prompts (one held-out row of each demo task).
+Registers the bundled demo (datasets and the mixture ``mole-studio demo`` registers, through ``models`` and
+``worker`` only: no ``app``) in a data dir, trains it with a short joint schedule through the real job path
+(``worker.jobs.run_job``), or reuses it when that data dir holds it trained already (``--data-dir``), since latency
+does not depend on quality. Then it times playground requests exactly as the playground makes them —
+``load_trained`` (a cache hit after the first) then ``infer`` — of ``--new-tokens`` tokens (EOS ignored, so every
+request generates all of them), with and without routing capture, paired and alternating on the same prompts (one
+held-out row of each demo task). The baseline, in the same rounds: the frozen base alone (stored in the same dtype)
+generating as many tokens from the same prompt ids with ``generate``; the machine's speed shows in it.
 
 Last line, machine-readable: ``p50_ms=<median ms of a request with routing capture> trace_overhead=<p50 with
 capture / p50 without>``.
@@ -19,16 +21,16 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import sqlalchemy as sa
 import torch
 
 from migrations import upgrade_head
-from models.bases import BUILTIN_SMOLLM2, BUILTIN_TINY
-from models.data import load_rows, validate_upload
-from models.demo import demo_files, demo_spec
+from models.bases import BUILTIN_SMOLLM2, BUILTIN_TINY, load_base
+from models.data import ExampleRow, load_rows, prompt_ids, validate_upload
+from models.demo import demo_files, tuned_demo_spec
 from models.registry import LOCAL_OWNER, Dataset, Mixture, session_scope
 from models.settings import Settings
 from models.storage import ArtifactStore, new_key
@@ -79,7 +81,7 @@ def demo_mixture(settings: Settings, base: str, train_steps: int) -> uuid.UUID:
         if found is not None:
             print(f"reusing the trained mixture {found.name} in {settings.studio_data_dir}")
             return found.id
-    spec = demo_spec(base).model_dump(mode="json")
+    spec = tuned_demo_spec(base).model_dump(mode="json")  # what `mole-studio demo` registers
     spec["schedule"] |= {  # one joint stage: the demo's experts and router, trained just enough to be real
         "kind": "joint",
         "stage_steps": [train_steps],
@@ -137,26 +139,55 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+class FrozenBase:
+    """The mixture's base alone, as the playground stores it, generating from the same prompt ids: the baseline."""
+
+    def __init__(self, settings: Settings, mixture_id: uuid.UUID) -> None:
+        loaded = load_trained(settings, mixture_id)
+        self.tokenizer, self.task = loaded.tokenizer, loaded.spec.tasks[0]
+        dtype = next(loaded.model.layers()).base.weight.dtype
+        self.model, _ = load_base(loaded.spec.base_model, settings.bases_data_dir)
+        self.model = self.model.to(dtype).eval()
+
+    @torch.inference_mode()
+    def request(self, prompt: tuple[str, str, str], tokens: int) -> float:
+        instruction, input_text, _ = prompt
+        row = ExampleRow(task=self.task, instruction=instruction, input=input_text, output="-")
+        ids = torch.tensor([prompt_ids(row, self.tokenizer)])
+        started = time.perf_counter()
+        eos = self.tokenizer.eos_token_id
+        out = self.model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=eos)
+        elapsed = (time.perf_counter() - started) * 1000
+        assert out.shape[1] == ids.shape[1] + tokens
+        return elapsed
+
+
 def measure(settings: Settings, mixture_id: uuid.UUID, *, repeats: int, tokens: int, warmup: int) -> dict[str, float]:
-    """Paired rounds: every prompt with and without capture, the order alternating per round."""
-    prompts = _prompts()
+    """Paired rounds: every prompt with and without capture and on the base alone, the order rotating per round."""
+    prompts, base = _prompts(), FrozenBase(settings, mixture_id)
+    runs: dict[str, Callable[[tuple[str, str, str]], float]] = {
+        "on": lambda p: _request(settings, mixture_id, p, tokens, True),
+        "off": lambda p: _request(settings, mixture_id, p, tokens, False),
+        "base alone": lambda p: base.request(p, tokens),
+    }
     for prompt in prompts[:warmup]:
-        _request(settings, mixture_id, prompt, tokens, True)
-        _request(settings, mixture_id, prompt, tokens, False)
-    times: dict[bool, list[float]] = {True: [], False: []}
+        for run in runs.values():
+            run(prompt)
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    labels = list(runs)
     for round_ in range(repeats):
         for prompt in prompts:
-            for trace in (True, False) if round_ % 2 == 0 else (False, True):
-                times[trace].append(_request(settings, mixture_id, prompt, tokens, trace))
-    traced, plain = statistics.median(times[True]), statistics.median(times[False])
+            for label in labels[round_ % 3 :] + labels[: round_ % 3]:
+                times[label].append(runs[label](prompt))
     print(f"{'routing capture':<16} {'p50 ms':>8} {'p90 ms':>8} {'min ms':>8} {'requests':>9}")
-    for trace, label in ((True, "on"), (False, "off")):
-        values = times[trace]
+    for label, values in times.items():
         print(
             f"{label:<16} {statistics.median(values):8.1f} {_percentile(values, 0.9):8.1f} {min(values):8.1f} "
             f"{len(values):9d}"
         )
-    return {"p50_ms": traced, "p50_plain_ms": plain, "trace_overhead": traced / plain}
+    traced, plain, alone = (statistics.median(times[label]) for label in labels)
+    print(f"mixture_vs_base={traced / alone:.2f} (the base alone, {base.model.dtype}: p50 {alone:.1f} ms)")
+    return {"p50_ms": traced, "p50_plain_ms": plain, "p50_base_ms": alone, "trace_overhead": traced / plain}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:

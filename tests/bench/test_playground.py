@@ -20,10 +20,11 @@ def test_tiny_run_prints_the_median_and_the_trace_overhead_last(
     try:
         result = playground.main([*argv, "--data-dir", str(tmp_path)])
         out = capsys.readouterr().out
-        assert "trained demo-tiny" in out and "routing capture" in out
+        assert "trained demo-tiny" in out and "routing capture" in out and "mixture_vs_base=" in out
         match = LAST_LINE.fullmatch(out.strip().splitlines()[-1])
         assert match is not None, out
-        assert float(match.group(1)) > 0 and float(match.group(2)) > 0 and result["p50_plain_ms"] > 0
+        assert float(match.group(1)) > 0 and float(match.group(2)) > 0
+        assert result["p50_plain_ms"] > 0 and result["p50_base_ms"] > 0
         playground.main([*argv, "--data-dir", str(tmp_path)])  # the same data dir: the trained mixture is reused
         assert "reusing the trained mixture demo-tiny-" in capsys.readouterr().out
     finally:
