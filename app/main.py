@@ -80,9 +80,14 @@ def _wire_refresh_on_show(ctx: StudioContext, shown: dict[str, gr.Tab], handles:
     )
 
 
+# Gradio 6 takes page CSS at launch. Lineage steps ("dataset", "mixture") stay on one line in their narrow column.
+PAGE_CSS = "#experts-lineage td:first-child { white-space: nowrap; }"
+
+
 def launch_kwargs(ctx: StudioContext) -> dict[str, Any]:
     """Upload cap, no extra served paths, the data dir blocked, monitoring off, errors only as messages."""
     return {
+        "css": PAGE_CSS,
         "server_name": ctx.settings.host,
         "server_port": ctx.settings.port,
         "max_file_size": ctx.settings.max_upload_bytes,

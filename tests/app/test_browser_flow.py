@@ -68,6 +68,8 @@ def test_a_person_uploads_composes_trains_and_prompts(
     page.locator("#datasets-upload").click()
     page.get_by_text("Nothing was stored").first.wait_for()
     page.locator("#datasets-report").get_by_text("line 2").first.wait_for()
+    page.get_by_test_id("toast-close").first.click()  # read, dismissed: the message does not follow to other tabs
+    page.get_by_text("Nothing was stored").first.wait_for(state="detached")
     page.locator("#datasets-files button[aria-label='Clear']").last.click()  # the box's ×: take the file away
     page.locator("#datasets-report").get_by_text("broken.jsonl").wait_for(state="detached")
 
@@ -99,9 +101,7 @@ def _compose_and_train(page: object) -> None:
     page.locator("#compose-router input").first.wait_for()
     _fill_dropdown(page, "compose-router", ["modula"])
     _fill_dropdown(page, "compose-schedule", ["modula"])
-    steps = page.locator("#compose-stage-steps textarea, #compose-stage-steps input").first
-    steps.fill("2, 2, 2")
-    steps.press("Tab")
+    _fill_until_it_stays(page, "#compose-stage-steps", "2, 2, 2")
     page.locator("#compose-diagram svg").first.wait_for()
     page.locator("#compose-name textarea, #compose-name input").first.fill("browser-flow")
     page.locator("#compose-save").click()
@@ -110,10 +110,23 @@ def _compose_and_train(page: object) -> None:
     page.locator("#compose-train").click()
 
 
+def _fill_until_it_stays(page: object, selector: str, text: str) -> None:
+    """Type into a textbox until no queued event of an earlier choice (the schedule's defaults) overwrites it."""
+    box = page.locator(f"{selector} textarea, {selector} input").first  # type: ignore[attr-defined]
+    for _ in range(10):
+        box.fill(text)
+        box.press("Tab")
+        page.wait_for_timeout(1500)  # type: ignore[attr-defined]
+        if box.input_value() == text:
+            return
+    raise AssertionError(f"{selector} kept being reset: {box.input_value()!r}")
+
+
 def _watch_and_prompt(page: object) -> None:
     # Jobs: the page switches here; the job reaches done.
     page.get_by_role("tab", name="Jobs", selected=True).wait_for()
     page.locator("#jobs-table").get_by_text("succeeded").filter(visible=True).first.wait_for(timeout=TRAIN_TIMEOUT_MS)
+    page.locator("#jobs-table").get_by_text("6/6", exact=True).filter(visible=True).first.wait_for()  # the typed steps
 
     # Playground: the trained mixture (listed when the tab opens), a prompt, the output and the routing heatmap.
     _open_tab(page, "Playground")
