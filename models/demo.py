@@ -156,7 +156,7 @@ class DemoRecipe:
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEMO_RECIPES = {
-    BUILTIN_TINY: DemoRecipe((250, 850, 250), 16, 5e-3, 128, 100),
+    BUILTIN_TINY: DemoRecipe((225, 750, 225), 16, 5e-3, 128, 100),
     BUILTIN_SMOLLM2: DemoRecipe((30, 60, 50), 8, 1e-3, 160, 40),
 }
 
