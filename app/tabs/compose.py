@@ -404,11 +404,12 @@ def _wire_defaults(ctx: StudioContext, form: dict[str, Component], datasets: gr.
         outputs=[form["router_options"], form["experts"]],
         api_visibility="private",
     )
-    form["schedule_kind"].change(
+    form["schedule_kind"].change(  # instant and pure: not queued behind a base inspection, so it lands before typing
         services.stage_steps_for,
         inputs=[form["schedule_kind"], form["stage_steps"]],
         outputs=form["stage_steps"],
         api_visibility="private",
+        concurrency_limit=None,
     )
     form["weighting"].change(
         lambda w: [gr.update(visible=v) for v in _loss_visibility(w)],
