@@ -30,6 +30,34 @@ def train(self, job_id: str) -> str:  # noqa: ANN001 - celery's bound task
     return run_job(uuid.UUID(job_id), settings=get_settings(), worker=f"{hostname}:{os.getpid()}")
 
 
+@shared_task(name="studio.evaluate")
+def evaluate(job_id: str) -> dict[str, dict[str, float]]:
+    """Score a succeeded job's experts on its held-out rows again (Metric rows); returns the scores."""
+    from worker.job_evaluation import evaluate_job
+
+    return evaluate_job(uuid.UUID(job_id), settings=get_settings())
+
+
+@shared_task(name="studio.infer")
+def infer(
+    mixture_id: str, prompt: str, input_text: str = "", task: str | None = None, max_new_tokens: int = 16
+) -> dict[str, object]:
+    """One playground request on a worker (a GPU one, say): the output and the mean routing weight per layer."""
+    from worker.inference import infer as generate
+    from worker.inference import load_trained
+
+    loaded = load_trained(get_settings(), uuid.UUID(mixture_id))
+    result = generate(loaded, prompt, input_text=input_text, task=task, max_new_tokens=max_new_tokens)
+    weights = result.layer_weights
+    return {
+        "text": result.text,
+        "generated_tokens": result.generated_tokens,
+        "routed_names": result.routed_names,
+        "layer_names": result.layer_names,
+        "layer_weights": weights.tolist() if weights is not None else None,
+    }
+
+
 @worker_ready.connect
 def _start_reaper(**_: object) -> None:
     global _reaper

@@ -32,6 +32,8 @@ from worker.evaluate import evaluate_tasks
 from worker.stages import Stage, plan_stages
 
 log = logging.getLogger(__name__)
+HOLDOUT_FRACTION = 0.1  # of every task's rows, held out for evaluation (split by the schedule's seed)
+EVAL_MAX_PER_TASK = 32  # held-out rows scored per task at each evaluation
 MAX_GRAD_NORM = 1.0
 
 
@@ -130,8 +132,8 @@ class Trainer:
         checkpoint_prefix: str | None = None,
         hooks: TrainerHooks | None = None,
         parent_experts: Path | None = None,
-        holdout_fraction: float = 0.1,
-        eval_max_per_task: int = 32,
+        holdout_fraction: float = HOLDOUT_FRACTION,
+        eval_max_per_task: int = EVAL_MAX_PER_TASK,
         device: str | None = None,
     ) -> None:
         self.spec, self.work_dir, self.store = spec, work_dir, store
