@@ -10,6 +10,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 # Before any studio module reads the environment: offline, no analytics, no writes to ./.studio.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -142,3 +143,25 @@ def add_demo_datasets(ctx: object, lines: int = 40) -> None:
     for path in demo_files():
         data = b"".join(path.read_bytes().splitlines(keepends=True)[:lines])
         create_dataset(ctx=ctx, filename=path.name, data=data, name=path.stem)  # type: ignore[arg-type]
+
+
+def demo_studio(data_dir: Path, bases_dir: Path, lines: int = 20) -> Any:
+    """A migrated studio in ``data_dir`` whose datasets are the first ``lines`` rows of each demo task."""
+    from app.context import StudioContext
+    from migrations import upgrade_head
+
+    settings = Settings(studio_data_dir=data_dir, base_cache_dir=bases_dir)
+    upgrade_head(settings.db_url)
+    ctx = StudioContext(settings=settings)
+    add_demo_datasets(ctx, lines=lines)
+    return ctx
+
+
+def train_now(settings: Settings, mixture_id: uuid.UUID) -> uuid.UUID:
+    """Queue a training job without sending it and run it here, to success; returns the job's id."""
+    from worker.dispatch import submit_training
+    from worker.jobs import run_job
+
+    job_id = submit_training(settings, mixture_id, send=False)
+    assert run_job(job_id, settings=settings) == "succeeded"
+    return job_id

@@ -15,17 +15,14 @@ import torch
 
 from app.context import StudioContext
 from app.services.mixtures import save_mixture
-from migrations import upgrade_head
 from models.bases import BUILTIN_TINY, load_base
 from models.demo import DEMO_TASKS, demo_spec
 from models.mixture import attach_mixture
 from models.registry import Job, JobState, Mixture
-from models.settings import Settings
-from tests.conftest import add_demo_datasets
+from tests.conftest import demo_studio, train_now
 from worker import inference
-from worker.dispatch import submit_training
 from worker.inference import InferenceError, LoadedMixture, NotTrainedError, infer, load_trained
-from worker.jobs import experts_prefix, run_job
+from worker.jobs import experts_prefix
 
 PROMPT, INPUT = "Rewrite the date as DD/MM/YYYY.", "2031-07-19"
 FIRST, SECOND, THIRD, LAST = (f"{task}-expert" for task in DEMO_TASKS)
@@ -54,13 +51,9 @@ def _spec(router: str, steps: int = 2, **options: object) -> dict:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, bases_dir: Path) -> Iterator[Trained]:
     """One tiny mixture (softmax router per token) trained a few steps through the real job path."""
-    settings = Settings(studio_data_dir=tmp_path_factory.mktemp("studio"), base_cache_dir=bases_dir)
-    upgrade_head(settings.db_url)
-    ctx = StudioContext(settings=settings)
-    add_demo_datasets(ctx, lines=20)
+    ctx = demo_studio(tmp_path_factory.mktemp("studio"), bases_dir)
     mixture = save_mixture(ctx=ctx, name="softmax", spec_json=_spec("softmax"), dataset_names=list(DEMO_TASKS))
-    job_id = submit_training(settings, mixture.id, send=False)
-    assert run_job(job_id, settings=settings) == "succeeded"
+    train_now(ctx.settings, mixture.id)
     yield Trained(ctx, mixture.id)
     inference.clear_cache()
 

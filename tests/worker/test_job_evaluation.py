@@ -10,19 +10,16 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from app.context import StudioContext
 from app.services.mixtures import save_mixture
-from migrations import upgrade_head
 from models.demo import DEMO_TASKS
 from models.registry import Job, JobEvent, JobState, Metric, session_scope
 from models.settings import Settings
-from tests.conftest import add_demo_datasets
+from tests.conftest import demo_studio, train_now
 from tests.worker.test_inference import _spec
 from worker import inference
 from worker.celery_app import create_celery
 from worker.dispatch import submit_training
 from worker.job_evaluation import EvaluationError, evaluate_job
-from worker.jobs import run_job
 
 TASK_TIMEOUT_S = 120
 
@@ -37,13 +34,10 @@ class Finished:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory, bases_dir: Path) -> Iterator[Finished]:
     """A tiny mixture trained 4 steps through the real job path, its held-out scores written at the last step."""
-    settings = Settings(studio_data_dir=tmp_path_factory.mktemp("studio"), base_cache_dir=bases_dir)
-    upgrade_head(settings.db_url)
-    ctx = StudioContext(settings=settings)
-    add_demo_datasets(ctx, lines=20)
+    ctx = demo_studio(tmp_path_factory.mktemp("studio"), bases_dir)
     mixture = save_mixture(ctx=ctx, name="evaluated", spec_json=_spec("softmax", steps=4), dataset_names=DEMO_TASKS)
-    job_id = submit_training(settings, mixture.id, send=False)
-    assert run_job(job_id, settings=settings) == "succeeded"
+    settings = ctx.settings
+    job_id = train_now(settings, mixture.id)
     yield Finished(settings, job_id, mixture.id)
     inference.clear_cache()
 

@@ -14,15 +14,12 @@ from matplotlib.figure import Figure
 from app.context import ServiceError, StudioContext
 from app.services import playground as services
 from app.services.mixtures import save_mixture
-from migrations import upgrade_head
 from models.bases import BUILTIN_TINY
 from models.demo import DEMO_TASKS, demo_spec
 from models.registry import Job, JobState, Mixture
-from models.settings import Settings
-from tests.conftest import add_demo_datasets
+from tests.conftest import demo_studio, train_now
 from worker import inference
-from worker.dispatch import submit_training
-from worker.jobs import experts_prefix, run_job
+from worker.jobs import experts_prefix
 
 PROMPT, INPUT = "Rewrite the date as DD/MM/YYYY.", "2031-07-19"
 EXPERTS = [f"{task}-expert" for task in DEMO_TASKS]
@@ -54,15 +51,13 @@ def _copy_training(ctx: StudioContext, source: str, target: str) -> None:
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory: pytest.TempPathFactory, bases_dir: Path) -> Iterator[StudioContext]:
     """Mixtures 'main' (trained), 'twin' (the same experts) and 'draft' (never trained)."""
-    settings = Settings(studio_data_dir=tmp_path_factory.mktemp("studio"), base_cache_dir=bases_dir)
-    upgrade_head(settings.db_url)
-    context = StudioContext(settings=settings)
-    add_demo_datasets(context, lines=20)
+    context = demo_studio(tmp_path_factory.mktemp("studio"), bases_dir)
+    settings = context.settings
     for name in ("main", "twin", "draft"):
         save_mixture(ctx=context, name=name, spec_json=_spec(), dataset_names=list(DEMO_TASKS))
     with context.session() as s:
         main_id = s.scalar(sa.select(Mixture.id).where(Mixture.name == "main"))
-    assert run_job(submit_training(settings, main_id, send=False), settings=settings) == "succeeded"
+    train_now(settings, main_id)
     _copy_training(context, "main", "twin")
     yield context
     inference.clear_cache()

@@ -11,19 +11,14 @@ import sqlalchemy as sa
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from app.context import StudioContext
 from app.main import build_demo, launch_kwargs
 from app.services.mixtures import save_mixture
-from migrations import upgrade_head
 from models.bases import BUILTIN_TINY
 from models.demo import DEMO_TASKS, demo_spec
 from models.registry import Mixture
-from models.settings import Settings
 from tests import services
-from tests.conftest import add_demo_datasets
+from tests.conftest import demo_studio, train_now
 from worker import inference
-from worker.dispatch import submit_training
-from worker.jobs import run_job
 
 PROMPT, INPUT = "Give the domain of the e-mail address.", "Write to bob7@lab.io."
 EXPERTS = [f"{task}-expert" for task in DEMO_TASKS]
@@ -39,15 +34,13 @@ def _spec(router: str) -> dict:
 @pytest.fixture(scope="module")
 def studio_url(tmp_path_factory: pytest.TempPathFactory, bases_dir: Path) -> Iterator[str]:
     """The real page over a database with a trained 'tasky' (task routing) and an untrained 'draft' mixture."""
-    settings = Settings(studio_data_dir=tmp_path_factory.mktemp("studio"), base_cache_dir=bases_dir)
-    upgrade_head(settings.db_url)
-    ctx = StudioContext(settings=settings)
-    add_demo_datasets(ctx, lines=20)
+    ctx = demo_studio(tmp_path_factory.mktemp("studio"), bases_dir)
+    settings = ctx.settings
     for name in ("tasky", "draft"):
         save_mixture(ctx=ctx, name=name, spec_json=_spec("task"), dataset_names=list(DEMO_TASKS))
     with ctx.session() as s:
         tasky = s.scalar(sa.select(Mixture.id).where(Mixture.name == "tasky"))
-    assert run_job(submit_training(settings, tasky, send=False), settings=settings) == "succeeded"
+    train_now(settings, tasky)
     demo: gr.Blocks = build_demo(ctx)
     port = services.free_port()
     demo.launch(**(launch_kwargs(ctx) | {"server_port": port, "prevent_thread_lock": True}))
