@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from models.bases import PICKLE_SUFFIXES
+from models.bases import PICKLE_SUFFIXES, load_base
 from models.experts import MixtureLinear, RoutingState, RoutingTrace
 from models.routers import ROUTER_KINDS, RoutingInputs, SemanticRouter
 from models.spec import MixtureSpec
@@ -438,6 +438,18 @@ def load_experts(
             raise MixtureError(f"the saved mixture has no {file_name}")
         tensors = _load_checked(folder / file_name, manifest["files"][file_name])
         _copy_checked(file_name, tensors, targets)
+
+
+def load_trained_mixture(
+    folder: str | os.PathLike[str], *, data_dir: Path, device: torch.device | str = "cpu"
+) -> tuple[MixtureModel, Any]:
+    """A saved mixture as it was trained: its manifest's spec (an ``add_task`` run's grown one), the base, the
+    experts; in eval mode on ``device``. Returns the mixture and the base's tokenizer."""
+    spec = MixtureSpec.model_validate(read_manifest(folder)["spec"])
+    model, tokenizer = load_base(spec.base_model, data_dir, device=device)
+    mixture = attach_mixture(model, spec)
+    load_experts(mixture, folder)
+    return mixture.to(device).eval(), tokenizer
 
 
 def _copy_checked(file_name: str, tensors: dict[str, Tensor], targets: dict[str, Tensor]) -> None:

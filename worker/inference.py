@@ -29,9 +29,9 @@ import sqlalchemy as sa
 import torch
 from pydantic import ValidationError
 
-from models.bases import UnknownBaseModelError, load_base
+from models.bases import UnknownBaseModelError
 from models.data import ExampleRow, prompt_ids
-from models.mixture import MixtureError, MixtureModel, attach_mixture, load_experts, read_manifest
+from models.mixture import MixtureError, MixtureModel, load_trained_mixture
 from models.precision import inference_dtype
 from models.registry import Job, JobState, Mixture, session_scope
 from models.settings import Settings
@@ -138,13 +138,9 @@ def _load(settings: Settings, name: str, prefix: str) -> tuple[MixtureModel, Any
     try:
         with tempfile.TemporaryDirectory(prefix="mole-infer-") as tmp:
             folder = download_folder(store, prefix, Path(tmp) / "experts")
-            spec = MixtureSpec.model_validate(read_manifest(folder)["spec"])
-            model, tokenizer = load_base(spec.base_model, settings.bases_data_dir, device=device)
-            mixture = attach_mixture(model, spec)
-            load_experts(mixture, folder)
+            mixture, tokenizer = load_trained_mixture(folder, data_dir=settings.bases_data_dir, device=device)
     except (MixtureError, UnknownBaseModelError, FileNotFoundError, ValidationError) as error:
         raise InferenceError(f"the trained experts of '{name}' could not be loaded: {error}") from error
-    mixture = mixture.to(device).eval()
     dtype = inference_dtype(settings.inference_dtype, torch.device(device))
     if dtype != torch.float32:
         mixture.store_base_in(dtype)

@@ -11,9 +11,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from models.bases import load_base
 from models.data import split_holdout
-from models.mixture import attach_mixture, load_experts, read_manifest
+from models.mixture import load_trained_mixture
 from models.registry import Job, JobState, Metric, Mixture, session_scope
 from models.settings import Settings
 from models.spec import MixtureSpec
@@ -48,11 +47,7 @@ def evaluate_job(
     _, holdout = split_holdout(rows, fraction=HOLDOUT_FRACTION, seed=spec.schedule.seed)
     with tempfile.TemporaryDirectory(prefix="mole-eval-") as tmp:
         folder = download_folder(store, prefix, Path(tmp) / "experts")
-        trained = MixtureSpec.model_validate(read_manifest(folder)["spec"])  # add_task: the grown spec
-        model, tokenizer = load_base(trained.base_model, settings.bases_data_dir)
-        mixture_model = attach_mixture(model, trained)
-        load_experts(mixture_model, folder)
-    mixture_model.eval()
+        mixture_model, tokenizer = load_trained_mixture(folder, data_dir=settings.bases_data_dir)  # fp32, as trained
     longest = max(len(tokenizer(row.output)["input_ids"]) for row in holdout) if holdout else 0
     metrics = evaluate_tasks(
         mixture_model, tokenizer, holdout, max_per_task=max_per_task, max_new_tokens=min(64, longest + 2)
