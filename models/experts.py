@@ -40,6 +40,15 @@ class RoutingTrace:
         if out.scale is not None:
             self.scale.setdefault(layer, []).append(out.scale[0].detach().float().cpu().reshape(1))
 
+    def repeat(self, layer: str, n_tokens: int) -> None:
+        """Record the layer's last rows again for ``n_tokens`` more tokens: gates fixed for the sequence, converted
+        once rather than per token."""
+        for recorded in (self.weights, self.group_weights):
+            if recorded.get(layer):
+                recorded[layer].append(recorded[layer][-1][:1].expand(n_tokens, -1))
+        if self.scale.get(layer):
+            self.scale[layer].append(self.scale[layer][-1])
+
     def layer_weights(self) -> dict[str, Tensor]:
         """Layer name -> (tokens, experts)."""
         return {layer: torch.cat(parts) for layer, parts in self.weights.items()}
@@ -50,19 +59,29 @@ class RoutingTrace:
 
 
 @dataclass
+class FixedGates:
+    """A layer's coefficients while decoding with gates fixed for the sequence: computed on the prompt, reused."""
+
+    per_rank: Tensor  # (B, 1, R)
+    routed: RouterOutput | None  # what the router gave on the prompt (already traced there)
+    merged: bool = False  # the layer's merged weight holds W + B diag(per_rank) A for this generation
+    steps: int = 0  # tokens decoded since the prompt: their routing rows are the prompt's, recorded once at the end
+
+
+@dataclass
 class RoutingState:
     """Shared by every mixture layer of one model: the batch's routing inputs, losses, trace and overrides."""
 
     inputs: RoutingInputs = field(default_factory=RoutingInputs)
     generating: bool = False  # sequence-level gates computed on the prompt are reused while decoding
     sequence_gates: dict[str, RouterOutput] = field(default_factory=dict)
-    # per layer while decoding with gates fixed for the sequence: (per-rank coefficients, router output to trace)
-    decode_cache: dict[str, tuple[Tensor, RouterOutput | None]] = field(default_factory=dict)
+    decode_cache: dict[str, FixedGates] = field(default_factory=dict)  # per layer, while decoding
     aux_losses: list[Tensor] = field(default_factory=list)
     trace: RoutingTrace | None = None
     forced: dict[str, float] | None = None  # expert name -> weight, replaces the router (playground, export check)
     disabled: frozenset[str] = frozenset()  # expert names switched off (their weight set to 0, others renormalised)
     task_table: Tensor | None = None  # (n_tasks + 1, E_routed): each sample routed to its own task's experts
+    fold_fixed_gates: bool = True  # False keeps the experts apart while decoding one sequence (a benchmark's baseline)
 
     def reset(self, inputs: RoutingInputs, *, generating: bool = False) -> None:
         self.inputs, self.generating = inputs, generating
@@ -261,17 +280,13 @@ class MixtureLinear(nn.Module):
         return RouterOutput(weights=weights, scale=out.scale, group_weights=out.group_weights, extras=out.extras)
 
     def forward(self, x: Tensor) -> Tensor:
-        result = self.base(x)  # (B, T, d_out)
+        state = self.state
+        if state.generating:
+            fixed = state.decode_cache.get(self.name)
+            if fixed is not None:
+                return self._decode_with_fixed_gates(x, fixed)
         dtype = (self.experts.down[0] if self.experts is not None else self.shared.shared_down).dtype
         xd = self.dropout(x).to(dtype)  # (B, T, d_in)
-        state = self.state
-        cached = state.decode_cache.get(self.name) if state.generating else None
-        if cached is not None:  # decoding with the prompt's gates: their per-rank coefficients, computed once
-            per_rank, routed = cached
-            if state.trace is not None and routed is not None:
-                state.trace.record(self.name, self._routed_names(), routed, x.shape[1])
-            assert self.experts is not None
-            return result + self.experts.apply(xd, per_rank).to(result.dtype)
         low_rank = self.shared.low_rank(xd) if self.shared is not None else None  # (B, T, r)
         out = self.route(xd, low_rank)
         if state.trace is not None and out is not None:
@@ -295,12 +310,52 @@ class MixtureLinear(nn.Module):
                 coef = _cat_coef(universal_coef, specific_coef)
             per_rank = self.experts.per_rank(coef)  # (B, T|1, R)
             if state.generating and self._gates_fixed_for_the_sequence():
-                state.decode_cache[self.name] = (per_rank, out)
+                fixed = state.decode_cache[self.name] = FixedGates(per_rank, out)
+                if self._fold(fixed):
+                    return F.linear(x, self.__dict__["_merged"], self.base.bias)
             delta = self.experts.apply(xd, per_rank)  # (B, T, d_out)
         if self.shared is not None and low_rank is not None:
             shared_delta = self.shared(low_rank, specific_coef)
             delta = shared_delta if delta is None else delta + shared_delta
+        result = self.base(x)  # (B, T, d_out)
         return result if delta is None else result + delta.to(result.dtype)
+
+    def _decode_with_fixed_gates(self, x: Tensor, fixed: FixedGates) -> Tensor:
+        """A decoding step whose coefficients the prompt fixed: the folded weight, or for a batch the experts."""
+        fixed.steps += x.shape[1]
+        if fixed.merged:
+            return F.linear(x, self.__dict__["_merged"], self.base.bias)
+        assert self.experts is not None
+        xd = self.dropout(x).to(fixed.per_rank.dtype)
+        return self.base(x) + self.experts.apply(xd, fixed.per_rank).to(x.dtype)
+
+    def trace_decoded_steps(self) -> None:
+        """Give the tokens decoded with fixed gates their routing rows (the prompt's), in one go at the end."""
+        fixed, trace = self.state.decode_cache.get(self.name), self.state.trace
+        if fixed is not None and fixed.steps and fixed.routed is not None and trace is not None:
+            trace.repeat(self.name, fixed.steps)
+
+    def _fold(self, fixed: FixedGates) -> bool:
+        """Fold the experts into one weight, ``W + B diag(c) A``, for the rest of this generation of one sequence:
+        the prompt and every new token then cost one matmul, as the base alone does. Folding costs about what two
+        tokens' separate adapter ops cost (SmolLM2, seven projections) and is exact up to rounding in the base's
+        dtype. A batch (per-sample coefficients) or a module in training keeps the experts apart."""
+        if not self.state.fold_fixed_gates or fixed.per_rank.shape[0] != 1 or self.training or self.experts is None:
+            return False
+        weight = self.base.weight
+        a_cat, b_cat = self.experts.stacked()  # (R, d_in), (d_out, R)
+        scaled_b = (b_cat * fixed.per_rank.reshape(1, -1)).to(weight.dtype)  # B diag(c)
+        torch.addmm(weight, scaled_b, a_cat.to(weight.dtype), out=self._merged_buffer())
+        fixed.merged = True
+        return True
+
+    def _merged_buffer(self) -> Tensor:
+        """Where the folded weight goes: kept between generations, so it is allocated once, not per request."""
+        weight, merged = self.base.weight, self.__dict__.get("_merged")
+        kind = (weight.shape, weight.dtype, weight.device)
+        if merged is None or (merged.shape, merged.dtype, merged.device) != kind:
+            merged = self.__dict__["_merged"] = torch.empty_like(weight)
+        return merged
 
     def _gates_fixed_for_the_sequence(self) -> bool:
         """True when no token changes the coefficients: no router, sequence gates, forced or own-task weights."""

@@ -238,12 +238,22 @@ class MixtureModel(nn.Module):
         """HF ``generate`` with the KV cache; sequence-level gates are computed on the prompt once and reused."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        self.state.reset(
-            RoutingInputs(task_ids=task_ids, prompt_mask=attention_mask.bool(), sentence_embedding=sentence_embedding),
-            generating=True,
+        inputs = RoutingInputs(
+            task_ids=task_ids, prompt_mask=attention_mask.bool(), sentence_embedding=sentence_embedding
         )
-        try:
+        with self.generation(inputs):
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    @contextmanager
+    def generation(self, inputs: RoutingInputs) -> Iterator[None]:
+        """Decoding calls of the block belong to one generation: gates fixed for the sequence are computed on its
+        prompt (the block's first forward) and reused by every later step."""
+        self.state.reset(inputs, generating=True)
+        try:
+            yield
+            if self.state.trace is not None:
+                for layer in self.layers():
+                    layer.trace_decoded_steps()
         finally:
             self.state.generating = False
             self.state.sequence_gates.clear()

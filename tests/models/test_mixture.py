@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from models.mixture import (
     MANIFEST,
     MixtureError,
+    MixtureModel,
     UnsafeWeightsError,
     _sha256,
     attach_mixture,
@@ -271,6 +272,50 @@ def test_cached_decoding_computes_what_full_forwards_compute(kind: str, granular
             labels[:, prompt.shape[1] :] = 0  # generated tokens are not prompt: sequence gates ignore them
             full = mixture(seen, labels=labels).logits[:, -1]
             torch.testing.assert_close(scores, full, atol=1e-5, rtol=1e-5)
+
+
+def _decoded_scores(mixture: MixtureModel, prompt: torch.Tensor, *, fold: bool = True) -> torch.Tensor:
+    mixture.state.fold_fixed_gates = fold
+    try:
+        out = mixture.generate(
+            prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True
+        )
+    finally:
+        mixture.state.fold_fixed_gates = True
+    return torch.stack(out.scores, dim=1).float()  # (B, steps, V)
+
+
+def _sequence_mixture() -> MixtureModel:
+    router = {"kind": "modula", "options": {"granularity": "sequence"}}
+    mixture = attach_mixture(tiny_llama(), make_spec("modula", router=router)).eval()
+    randomise_experts(mixture)
+    return mixture
+
+
+def test_fixed_gates_are_folded_into_one_weight_for_one_sequence_and_kept_apart_for_a_batch() -> None:
+    mixture = _sequence_mixture()
+    layers = list(mixture.layers())
+    batch = _decoded_scores(mixture, IDS)
+    assert not any("_merged" in layer.__dict__ for layer in layers)  # per-sample gates: no folding
+    for row in range(IDS.shape[0]):
+        alone = _decoded_scores(mixture, IDS[row : row + 1])
+        torch.testing.assert_close(alone, batch[row : row + 1], atol=1e-5, rtol=1e-5)
+    buffers = [layer.__dict__["_merged"].data_ptr() for layer in layers]
+    _decoded_scores(mixture, IDS[1:])
+    assert [layer.__dict__["_merged"].data_ptr() for layer in layers] == buffers  # allocated once, reused
+    unfolded = _decoded_scores(mixture, IDS[1:], fold=False)
+    torch.testing.assert_close(unfolded, batch[1:], atol=1e-5, rtol=1e-5)
+
+
+def test_folding_into_a_bf16_base_errs_no_more_than_the_bf16_base_itself() -> None:
+    """Folding rounds W + B diag(c) A to the base's dtype once: an error of the size bf16 already brings."""
+    mixture = _sequence_mixture()
+    exact = _decoded_scores(mixture, IDS[:1])
+    mixture.store_base_in(torch.bfloat16)
+    folded_error = (_decoded_scores(mixture, IDS[:1]) - exact).abs().max()
+    apart_error = (_decoded_scores(mixture, IDS[:1], fold=False) - exact).abs().max()
+    assert 0 < apart_error < 0.1
+    assert folded_error <= 3 * apart_error
 
 
 def test_modula_res_keeps_universal_on_when_every_domain_expert_is_off() -> None:
