@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from models.bases import UnknownBaseModelError
 from models.data import ExampleRow, prompt_ids
+from models.decoding import greedy_decode
 from models.mixture import MixtureError, MixtureModel, load_trained_mixture
 from models.precision import inference_dtype
 from models.registry import Job, JobState, Mixture, session_scope
@@ -231,22 +232,9 @@ def _sentence_embedding(spec: MixtureSpec, text: str, device: torch.device) -> t
         raise InferenceError(str(error)) from error
 
 
-def _generation_kwargs(loaded: LoadedMixture, max_new_tokens: int, stop_at_eos: bool) -> dict[str, Any]:
-    from transformers import GenerationConfig
-
-    tokenizer = loaded.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=0 if stop_at_eos else max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        pad_token_id=pad,
-        eos_token_id=tokenizer.eos_token_id,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
-    return {"generation_config": config}
+def _eos_ids(tokenizer: Any) -> list[int]:
+    eos = tokenizer.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
 def template_head(tokenizer: Any, spec: MixtureSpec) -> list[int]:
@@ -341,23 +329,23 @@ def infer(
             stack.enter_context(model.overridden(forced=forced, disabled=disabled))
         head = _head(loaded, ids, task_id, forced, disabled) if sentence is None else None
         recorder = stack.enter_context(model.tracing()) if trace else None
-        out = model.generate(
+        out = greedy_decode(
+            model,
             input_ids,
-            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            eos_token_ids=_eos_ids(tokenizer),
+            stop_at_eos=stop_at_eos,
             task_ids=torch.tensor([task_id], device=device),
             sentence_embedding=sentence,
             past_key_values=copy.deepcopy(head.cache) if head is not None else None,
-            **_generation_kwargs(loaded, max_new_tokens, stop_at_eos),
         )
     seconds = time.perf_counter() - started
-    new_ids = out.sequences[0, len(ids) :].tolist()
-    scores = torch.cat([s[:1] for s in out.scores]).float()  # (N, V)
-    probs = scores.softmax(-1).gather(1, torch.tensor(new_ids, device=scores.device)[:, None])[:, 0].tolist()
+    new_ids = out.tokens
     result = InferenceResult(
         text=tokenizer.decode(new_ids, skip_special_tokens=True),
         prompt_tokens=[readable_token(tokenizer.decode([i])) for i in ids],
         generated_tokens=[readable_token(tokenizer.decode([i])) for i in new_ids],
-        token_probs=probs,
+        token_probs=out.probs,
         expert_names=model.expert_names,
         routed_names=[],
         layer_names=list(model.layer_names),
