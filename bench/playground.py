@@ -6,8 +6,10 @@ Registers the bundled demo (datasets and the mixture ``mole-studio demo`` regist
 does not depend on quality. Then it times playground requests exactly as the playground makes them —
 ``load_trained`` (a cache hit after the first) then ``infer`` — of ``--new-tokens`` tokens (EOS ignored, so every
 request generates all of them), with and without routing capture, paired and alternating on the same prompts (one
-held-out row of each demo task). The baseline, in the same rounds: the frozen base alone (stored in the same dtype)
-generating as many tokens from the same prompt ids with ``generate``; the machine's speed shows in it.
+held-out row of each demo task). In the same rounds, the baselines: the same requests with the experts kept apart
+while decoding (no folding of the prompt's fixed gates into the base weights); the frozen base alone (stored in the
+same dtype) decoding as many tokens from the same prompt ids through the same greedy loop, and through
+transformers' ``generate``. The machine's speed shows in the base alone.
 
 Last line, machine-readable: ``p50_ms=<median ms of a request with routing capture> trace_overhead=<p50 with
 capture / p50 without>``.
@@ -30,6 +32,7 @@ import torch
 from migrations import upgrade_head
 from models.bases import BUILTIN_SMOLLM2, BUILTIN_TINY, load_base
 from models.data import ExampleRow, load_rows, prompt_ids, validate_upload
+from models.decoding import greedy_decode
 from models.demo import demo_files, tuned_demo_spec
 from models.registry import LOCAL_OWNER, Dataset, Mixture, session_scope
 from models.settings import Settings
@@ -140,7 +143,7 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 
 class FrozenBase:
-    """The mixture's base alone, as the playground stores it, generating from the same prompt ids: the baseline."""
+    """The mixture's base alone, as the playground stores it, decoding from the same prompt ids: the baseline."""
 
     def __init__(self, settings: Settings, mixture_id: uuid.UUID) -> None:
         loaded = load_trained(settings, mixture_id)
@@ -149,11 +152,25 @@ class FrozenBase:
         self.model, _ = load_base(loaded.spec.base_model, settings.bases_data_dir)
         self.model = self.model.to(dtype).eval()
 
-    @torch.inference_mode()
-    def request(self, prompt: tuple[str, str, str], tokens: int) -> float:
+    def _ids(self, prompt: tuple[str, str, str]) -> torch.Tensor:
         instruction, input_text, _ = prompt
         row = ExampleRow(task=self.task, instruction=instruction, input=input_text, output="-")
-        ids = torch.tensor([prompt_ids(row, self.tokenizer)])
+        return torch.tensor([prompt_ids(row, self.tokenizer)])
+
+    def request(self, prompt: tuple[str, str, str], tokens: int) -> float:
+        """The playground's greedy loop on the base alone."""
+        ids = self._ids(prompt)
+        started = time.perf_counter()
+        eos = [self.tokenizer.eos_token_id]
+        out = greedy_decode(self.model, ids, max_new_tokens=tokens, eos_token_ids=eos, stop_at_eos=False)
+        elapsed = (time.perf_counter() - started) * 1000
+        assert len(out.tokens) == tokens
+        return elapsed
+
+    @torch.inference_mode()
+    def generate(self, prompt: tuple[str, str, str], tokens: int) -> float:
+        """transformers' ``generate`` on the base alone: what a script would run."""
+        ids = self._ids(prompt)
         started = time.perf_counter()
         eos = self.tokenizer.eos_token_id
         out = self.model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=eos)
@@ -162,13 +179,25 @@ class FrozenBase:
         return elapsed
 
 
+def _apart(settings: Settings, mixture_id: uuid.UUID, prompt: tuple[str, str, str], tokens: int) -> float:
+    """A request with the experts kept apart while decoding (the fixed gates not folded into the base weights)."""
+    state = load_trained(settings, mixture_id).model.state
+    state.fold_fixed_gates = False
+    try:
+        return _request(settings, mixture_id, prompt, tokens, True)
+    finally:
+        state.fold_fixed_gates = True
+
+
 def measure(settings: Settings, mixture_id: uuid.UUID, *, repeats: int, tokens: int, warmup: int) -> dict[str, float]:
-    """Paired rounds: every prompt with and without capture and on the base alone, the order rotating per round."""
+    """Paired rounds: every prompt through every variant, the order rotating per round."""
     prompts, base = _prompts(), FrozenBase(settings, mixture_id)
     runs: dict[str, Callable[[tuple[str, str, str]], float]] = {
         "on": lambda p: _request(settings, mixture_id, p, tokens, True),
         "off": lambda p: _request(settings, mixture_id, p, tokens, False),
+        "experts apart": lambda p: _apart(settings, mixture_id, p, tokens),
         "base alone": lambda p: base.request(p, tokens),
+        "base, generate": lambda p: base.generate(p, tokens),
     }
     for prompt in prompts[:warmup]:
         for run in runs.values():
@@ -177,17 +206,27 @@ def measure(settings: Settings, mixture_id: uuid.UUID, *, repeats: int, tokens: 
     labels = list(runs)
     for round_ in range(repeats):
         for prompt in prompts:
-            for label in labels[round_ % 3 :] + labels[: round_ % 3]:
+            shift = round_ % len(labels)
+            for label in labels[shift:] + labels[:shift]:
                 times[label].append(runs[label](prompt))
-    print(f"{'routing capture':<16} {'p50 ms':>8} {'p90 ms':>8} {'min ms':>8} {'requests':>9}")
+    print(f"{'variant':<16} {'p50 ms':>8} {'p90 ms':>8} {'min ms':>8} {'requests':>9}")
     for label, values in times.items():
         print(
             f"{label:<16} {statistics.median(values):8.1f} {_percentile(values, 0.9):8.1f} {min(values):8.1f} "
             f"{len(values):9d}"
         )
-    traced, plain, alone = (statistics.median(times[label]) for label in labels)
-    print(f"mixture_vs_base={traced / alone:.2f} (the base alone, {base.model.dtype}: p50 {alone:.1f} ms)")
-    return {"p50_ms": traced, "p50_plain_ms": plain, "p50_base_ms": alone, "trace_overhead": traced / plain}
+    p50 = {label: statistics.median(values) for label, values in times.items()}
+    print(
+        f"mixture_vs_base={p50['on'] / p50['base alone']:.2f} folded_vs_apart={p50['on'] / p50['experts apart']:.2f} "
+        f"loop_vs_generate={p50['base alone'] / p50['base, generate']:.2f} "
+        f"(the base alone in {base.model.dtype}: p50 {p50['base alone']:.1f} ms)"
+    )
+    return {
+        "p50_ms": p50["on"],
+        "p50_plain_ms": p50["off"],
+        "p50_base_ms": p50["base alone"],
+        "trace_overhead": p50["on"] / p50["off"],
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
