@@ -182,11 +182,11 @@ class FrozenBase:
 def _apart(settings: Settings, mixture_id: uuid.UUID, prompt: tuple[str, str, str], tokens: int) -> float:
     """A request with the experts kept apart while decoding (the fixed gates not folded into the base weights)."""
     state = load_trained(settings, mixture_id).model.state
-    state.fold_fixed_gates = False
+    folding, state.fold_fixed_gates = state.fold_fixed_gates, False
     try:
         return _request(settings, mixture_id, prompt, tokens, True)
     finally:
-        state.fold_fixed_gates = True
+        state.fold_fixed_gates = folding
 
 
 def measure(settings: Settings, mixture_id: uuid.UUID, *, repeats: int, tokens: int, warmup: int) -> dict[str, float]:

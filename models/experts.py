@@ -81,7 +81,9 @@ class RoutingState:
     forced: dict[str, float] | None = None  # expert name -> weight, replaces the router (playground, export check)
     disabled: frozenset[str] = frozenset()  # expert names switched off (their weight set to 0, others renormalised)
     task_table: Tensor | None = None  # (n_tasks + 1, E_routed): each sample routed to its own task's experts
-    fold_fixed_gates: bool = True  # False keeps the experts apart while decoding one sequence (a benchmark's baseline)
+    # decoding one sequence, fold gates fixed by the prompt into the base weights (``MixtureLinear._fold``): an
+    # inference setting (the playground turns it on), since it keeps a folded copy of each adapted weight
+    fold_fixed_gates: bool = False
 
     def reset(self, inputs: RoutingInputs, *, generating: bool = False) -> None:
         self.inputs, self.generating = inputs, generating

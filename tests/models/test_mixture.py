@@ -281,7 +281,7 @@ def _decoded_scores(mixture: MixtureModel, prompt: torch.Tensor, *, fold: bool =
             prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True
         )
     finally:
-        mixture.state.fold_fixed_gates = True
+        mixture.state.fold_fixed_gates = False
     return torch.stack(out.scores, dim=1).float()  # (B, steps, V)
 
 
@@ -295,6 +295,8 @@ def _sequence_mixture() -> MixtureModel:
 def test_fixed_gates_are_folded_into_one_weight_for_one_sequence_and_kept_apart_for_a_batch() -> None:
     mixture = _sequence_mixture()
     layers = list(mixture.layers())
+    _decoded_scores(mixture, IDS[1:], fold=False)
+    assert not any("_merged" in layer.__dict__ for layer in layers)  # off unless asked for: no folded copies
     batch = _decoded_scores(mixture, IDS)
     assert not any("_merged" in layer.__dict__ for layer in layers)  # per-sample gates: no folding
     for row in range(IDS.shape[0]):

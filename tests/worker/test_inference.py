@@ -116,6 +116,27 @@ def test_forced_weights_replace_the_router(loaded: LoadedMixture) -> None:
     assert (both.layer_weights == 0).all()  # disabling wins over forcing
 
 
+def test_the_playground_folds_fixed_gates_and_answers_as_with_the_experts_apart(trained: Trained) -> None:
+    """Forced weights fix the gates for the sequence: the loaded mixture folds them into its base weights, which in
+    fp32 gives what the experts kept apart give (bf16's rounding: ``tests/models/test_mixture.py``)."""
+    inference.clear_cache()
+    try:
+        loaded = load_trained(
+            trained.ctx.settings.model_copy(update={"inference_dtype": "float32"}), trained.mixture_id
+        )
+        request = {"input_text": INPUT, "forced": {SECOND: 0.7, THIRD: 0.3}, "stop_at_eos": False, "max_new_tokens": 6}
+        assert loaded.model.state.fold_fixed_gates
+        folded = infer(loaded, PROMPT, **request)
+        assert all("_merged" in layer.__dict__ for layer in loaded.model.layers())
+        loaded.model.state.fold_fixed_gates = False
+        apart = infer(loaded, PROMPT, **request)
+    finally:
+        inference.clear_cache()
+    assert folded.generated_tokens == apart.generated_tokens
+    np.testing.assert_allclose(folded.token_probs, apart.token_probs, atol=1e-5)
+    np.testing.assert_array_equal(folded.token_weights, apart.token_weights)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
