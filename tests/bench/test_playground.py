@@ -20,7 +20,8 @@ def test_tiny_run_prints_the_median_and_the_trace_overhead_last(
     try:
         result = playground.main([*argv, "--data-dir", str(tmp_path)])
         out = capsys.readouterr().out
-        assert "trained demo-tiny" in out and "routing capture" in out and "mixture_vs_base=" in out
+        assert "trained demo-tiny" in out and "experts apart" in out and "base, generate" in out
+        assert "mixture_vs_base=" in out and "folded_vs_apart=" in out
         match = LAST_LINE.fullmatch(out.strip().splitlines()[-1])
         assert match is not None, out
         assert float(match.group(1)) > 0 and float(match.group(2)) > 0
