@@ -68,8 +68,8 @@ def greedy_decode(
     probs: list[float] = []
     generation: AbstractContextManager[None] = nullcontext()
     if isinstance(model, MixtureModel):
-        prompt_mask = torch.ones_like(fed, dtype=torch.bool)
-        inputs = RoutingInputs(task_ids=task_ids, prompt_mask=prompt_mask, sentence_embedding=sentence_embedding)
+        # one unpadded sequence: every fed token is prompt, so no mask (sequence gates take a plain mean)
+        inputs = RoutingInputs(task_ids=task_ids, sentence_embedding=sentence_embedding)
         generation = model.generation(inputs)
     with generation:
         logits = lm(input_ids=fed, past_key_values=cache, use_cache=True, **last_row).logits[0, -1]  # (V,)

@@ -369,9 +369,13 @@ class MixtureLinear(nn.Module):
 
     def _universal_on(self, xd: Tensor) -> Tensor:
         """(1, 1, U): 1 for each always-on universal expert, 0 where the playground switched it off."""
-        names = self.expert_names[: self.n_universal]
-        on = [0.0 if n in self.state.disabled else 1.0 for n in names]
-        return torch.tensor(on, device=xd.device, dtype=xd.dtype).view(1, 1, -1)
+        key = (self.state.disabled, xd.device, xd.dtype, self.n_universal)
+        made = self.__dict__.setdefault("_universal_on_made", {})  # built once per setting, not per forward
+        if key not in made:
+            on = [0.0 if n in self.state.disabled else 1.0 for n in self.expert_names[: self.n_universal]]
+            with torch.inference_mode(False):  # a plain tensor, so a later training step may use it too
+                made[key] = torch.tensor(on, device=xd.device, dtype=xd.dtype).view(1, 1, -1)
+        return made[key]
 
     # --- growing and introspection ---
 
